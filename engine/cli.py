@@ -1,0 +1,254 @@
+"""The `needlework` command line: one verb for the whole study, one per stage.
+
+Example:
+    $ needlework validate experiments/demo.yaml
+    $ needlework plan experiments/demo.yaml
+    $ needlework run experiments/demo.yaml train.lr=1e-4 --stages data,train
+    $ needlework demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+err_console = Console(stderr=True)
+DEMO_YAML = Path(__file__).resolve().parents[1] / "experiments" / "demo.yaml"
+STAGE_VERBS = {"data": "data", "train": "train", "evaluate": "evaluate", "knockout": "knockout", "patch": "patching"}
+
+
+def _experiment(args):
+    from engine.config import load_experiment
+
+    return load_experiment(args.experiment, overrides=args.overrides)
+
+
+def cmd_validate(args) -> int:
+    from engine.config import expand
+
+    exp = _experiment(args)
+    console.print(f"[green]ok[/] {args.experiment}: {exp.name}, {len(expand(exp))} runs, "
+                  f"tasks {', '.join(t.name for t in exp.tasks)}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from engine.pipeline import plan
+
+    exp = _experiment(args)
+    rows = plan(exp)
+    table = Table(title=f"{exp.name}: {exp.resolved_run_dir()}")
+    for col in ("task", "run", "stage", "resources", "hash", "done"):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(row["task"], row["run"], row["stage"], row["resources"], row["hash"],
+                      "[green]done[/]" if row["done"] else "[yellow]to run[/]")
+    console.print(table)
+    todo = sum(not r["done"] for r in rows)
+    console.print(f"{todo} of {len(rows)} outputs to run; knockout {'on' if exp.knockout.enabled else 'off'} "
+                  f"(k in {list(exp.knockout.ks)}), patching {'on' if exp.patching.enabled else 'off'}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from engine.config import STAGES
+    from engine.pipeline import run_experiment
+
+    stages = tuple(s.strip() for s in args.stages.split(",")) if args.stages else STAGES
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise SystemExit(f"--stages: unknown stage {unknown[0]!r}; valid: {', '.join(STAGES)}")
+    out = run_experiment(_experiment(args), stages=stages)
+    console.print(f"[bold green]done[/]: {out}")
+    return 0
+
+
+def cmd_stage(args) -> int:
+    from engine.pipeline import run_experiment
+
+    out = run_experiment(_experiment(args), stages=(STAGE_VERBS[args.command],))
+    console.print(f"[bold green]done[/]: {args.command} -> {out}")
+    return 0
+
+
+def cmd_ls(args) -> int:
+    from tasks import TASKS
+
+    table = Table(title="tasks")
+    table.add_column("task")
+    table.add_column("variants")
+    table.add_column("sources")
+    for name, module in sorted(TASKS.items()):
+        table.add_row(name, ", ".join(module.VARIANTS + ("base",)), ", ".join(module.SOURCES))
+    console.print(table)
+    root = Path(args.experiments)
+    files = sorted(root.rglob("*.yaml")) if root.exists() else []
+    exp_table = Table(title=f"experiments in {root}")
+    exp_table.add_column("file")
+    for path in files:
+        exp_table.add_row(str(path))
+    console.print(exp_table)
+    return 0
+
+
+def cmd_status(args) -> int:
+    from engine.pipeline import status
+
+    info = status(args.run_dir)
+    table = Table(title=f"{args.run_dir}")
+    table.add_column("stage")
+    table.add_column("finished outputs")
+    for stage, count in sorted(info["finished"].items()):
+        table.add_row(stage, str(count))
+    console.print(table)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from engine.report import print_summary, write_report
+
+    path = write_report(Path(args.run_dir))
+    print_summary(Path(args.run_dir), console)
+    console.print(f"report: {path}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from engine.config import load_experiment
+    from engine.pipeline import run_experiment
+    from engine.report import print_summary
+
+    overrides = list(args.overrides)
+    if args.run_dir:
+        overrides.append(f"run_dir={args.run_dir}")
+    exp = load_experiment(DEMO_YAML, overrides=overrides)
+    report = run_experiment(exp)
+    print_summary(exp.resolved_run_dir(), console)
+    console.print(f"\n[bold green]report:[/] {report}")
+    return 0
+
+
+def cmd_data_build(args) -> int:
+    from engine.data import build_task_data, render_stats
+    from engine.models import load_tokenizer
+
+    sources = dict(item.split("=", 1) for item in args.source)
+    options = {}
+    for item in args.option:
+        import yaml
+
+        key, value = item.split("=", 1)
+        options[key] = yaml.safe_load(value)
+    stats = build_task_data(
+        args.task, args.variant, sources=sources, options=options, tokenizer=load_tokenizer(args.tokenizer),
+        target_tokens=args.target_tokens, n_train=args.n, n_eval=args.n_eval, seed=args.seed, out_dir=Path(args.out),
+    )
+    console.print(render_stats(stats))
+    return 0
+
+
+def cmd_data_stats(args) -> int:
+    from engine.data import dataset_stats, render_stats
+
+    stats = dataset_stats(Path(args.dir))
+    console.print(render_stats(stats))
+    if args.json:
+        print(json.dumps(stats, indent=2, default=str))
+    return 0
+
+
+def cmd_synth(args) -> int:
+    from engine.synth import run_synth
+
+    exp = _experiment(args)
+    report = run_synth(args.requests, exp.synth, exp.resolved_run_dir() / "synth_cache")
+    console.print(report)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="needlework", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_experiment(name: str, help: str):
+        s = sub.add_parser(name, help=help)
+        s.add_argument("experiment", help="experiment YAML")
+        s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-4")
+        return s
+
+    s = with_experiment("run", "run every stage of an experiment")
+    s.add_argument("--stages", help="comma-separated subset of: data,train,evaluate,knockout,patching,report")
+    s.set_defaults(func=cmd_run)
+    with_experiment("plan", "show the expanded grid, resources, and what is already done").set_defaults(func=cmd_plan)
+    with_experiment("validate", "check an experiment YAML").set_defaults(func=cmd_validate)
+    for verb in ("train", "evaluate", "knockout", "patch"):
+        with_experiment(verb, f"run the {STAGE_VERBS[verb]} stage alone").set_defaults(func=cmd_stage)
+    s = with_experiment("synth", "run LLM synthesis of a requests file alone")
+    s.add_argument("--requests", required=True, help="Parquet or JSONL of synthesis requests")
+    s.set_defaults(func=cmd_synth)
+
+    data = sub.add_parser("data", help="build or inspect datasets")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    b = data_sub.add_parser("build", help="build one task variant into a Parquet directory")
+    b.add_argument("--task", required=True)
+    b.add_argument("--variant", required=True)
+    b.add_argument("--source", action="append", default=[], help="KEY=PATH, e.g. train=nq.jsonl.gz")
+    b.add_argument("--option", action="append", default=[], help="KEY=VALUE task option")
+    b.add_argument("--tokenizer", required=True, help="model path or hub id whose tokenizer fits lengths")
+    b.add_argument("--target-tokens", type=int, default=32000)
+    b.add_argument("--n", type=int, default=400)
+    b.add_argument("--n-eval", type=int, default=100)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--out", required=True)
+    b.set_defaults(func=cmd_data_build)
+    st = data_sub.add_parser("stats", help="counts, lengths and needle positions of a dataset directory")
+    st.add_argument("dir")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_data_stats)
+
+    s = sub.add_parser("ls", help="list tasks, variants and experiments")
+    s.add_argument("--experiments", default="experiments")
+    s.set_defaults(func=cmd_ls)
+    s = sub.add_parser("status", help="what a run directory holds")
+    s.add_argument("run_dir")
+    s.set_defaults(func=cmd_status)
+    s = sub.add_parser("report", help="(re)write report.md of a run directory")
+    s.add_argument("run_dir")
+    s.set_defaults(func=cmd_report)
+    s = sub.add_parser("demo", help="the whole study on the bundled miniature, on a CPU")
+    s.add_argument("overrides", nargs="*", help="key=value overrides of experiments/demo.yaml")
+    s.add_argument("--run-dir", help="where to write (default runs/demo)")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = parser().parse_args(argv)
+    from engine.config import ConfigError
+    from engine.models import ModelError
+    from engine.store import StoreError
+
+    errors: tuple[type[BaseException], ...] = (ConfigError, ModelError, StoreError, FileNotFoundError)
+    try:
+        from tasks.text import DataError  # noqa: F401
+
+        errors += (DataError,)
+    except ImportError:
+        pass
+    try:
+        return args.func(args)
+    except errors as err:
+        err_console.print(f"[bold red]error:[/] {err}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,413 @@
+"""Experiment YAML -> frozen dataclasses, grid expansion and content hashes per stage.
+
+One YAML file describes one experiment grid: a model, the tasks with their variants, and
+the settings of every stage. Keys map one-to-one onto the dataclasses below; an unknown or
+mistyped key is an error naming the key, the file and the valid choices.
+
+Example:
+    >>> exp = load_experiment("experiments/demo.yaml", overrides=["train.lr=1e-4"])
+    >>> [run.label for run in expand(exp) if run.task == "mdqa"]
+    ['real', 'hh', 'hl', 'lh', 'll', 'symbolic', 'base']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+VARIANTS = ("real", "real_limited", "hh", "hl", "lh", "ll", "symbolic", "base")
+SYNTHETIC_VARIANTS = ("hh", "hl", "lh", "ll", "symbolic")
+STAGES = ("data", "train", "evaluate", "knockout", "patching", "report")
+
+
+class ConfigError(ValueError):
+    """A bad experiment file: names the file and the key."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    path: str  # local dir, hub id, or "miniature" (the engine pretrains the bundled base model)
+    rope_base: float | None = None  # the raised base used for every fine-tune and evaluation
+    sliding_window: int | None = None
+    max_context: int = 32768
+    dtype: str = "auto"  # "auto": bfloat16 on GPU, float32 on CPU
+    trust_remote_code: bool = False
+    attn_implementation: str | None = None
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    name: str
+    variants: tuple[str, ...] = ("real", "hh", "hl", "lh", "ll", "symbolic", "base")
+    sources: dict = field(default_factory=dict)  # source key -> local path
+    options: dict = field(default_factory=dict)  # task options, validated by the task
+    limited_options: dict = field(default_factory=dict)  # extra options of real_limited
+    n_train: int = 400
+    n_eval: int = 100
+    target_tokens: int = 32000
+    head_kind: str | None = None  # retrieval | insight; None: the task's default
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    lora_rank: int = 8
+    lora_alpha: int = 8
+    lora_dropout: float = 0.0
+    lora_target: str = "attention"  # attention | all
+    batch_size: int = 1
+    grad_accum: int = 4
+    lr: float = 5e-5
+    epochs: float = 1.0
+    max_steps: int = -1
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_length: int = 32768
+    num_workers: int = 1
+    cpus_per_worker: float = 1
+    gpus_per_worker: float = 0
+    deepspeed: dict | None = None
+    storage_path: str | None = None
+    save_steps: int = 50
+    max_failures: int = 2
+    max_concurrent: int | None = None  # None: from cluster resources
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    batch_size: int = 4
+    max_new_tokens: int | None = None  # None: the task's default
+    num_actors: int | None = None  # None: as many as the cluster fits
+    cpus_per_actor: float = 1
+    gpus_per_actor: float = 0
+    shard_size: int = 16
+    max_retries: int = 3
+    insight_strict: bool = False
+    limit: int | None = None  # evaluate only the first N examples
+
+
+@dataclass(frozen=True)
+class KnockoutConfig:
+    enabled: bool = True
+    ks: tuple[int, ...] = (0, 10, 20, 50, 100)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    variants: tuple[str, ...] = ("real",)
+
+
+@dataclass(frozen=True)
+class PatchingConfig:
+    enabled: bool = True
+    source: str = "real"
+    variants: tuple[str, ...] | None = None  # None: every synthetic variant trained
+    seeds: tuple[int, ...] = (0,)
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    model: ModelConfig
+    tasks: tuple[TaskConfig, ...]
+    run_dir: str | None = None
+    seeds: tuple[int, ...] = (0,)
+    synth: Any = None  # engine.synth.SynthConfig
+    miniature: Any = None  # engine.miniature.MiniatureSpec, when model.path == "miniature"
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    knockout: KnockoutConfig = KnockoutConfig()
+    patching: PatchingConfig = PatchingConfig()
+    sweep: dict = field(default_factory=dict)  # dotted key -> list of values
+    source_file: str = ""
+
+    def resolved_run_dir(self) -> Path:
+        return Path(self.run_dir or f"runs/{self.name}")
+
+    def task(self, name: str) -> TaskConfig:
+        for task in self.tasks:
+            if task.name == name:
+                return task
+        raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One cell of the grid: a task, a variant, a seed and any swept settings."""
+
+    task: str
+    variant: str
+    seed: int
+    overrides: tuple[tuple[str, Any], ...] = ()
+    label: str = ""
+
+    @property
+    def fine_tuned(self) -> bool:
+        return self.variant != "base"
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def _optional_sections() -> dict[str, type]:
+    from engine.miniature import MiniatureSpec
+    from engine.synth import SynthConfig
+
+    return {"synth": SynthConfig, "miniature": MiniatureSpec}
+
+
+def load_experiment(path: str | Path, overrides: typing.Sequence[str] = ()) -> Experiment:
+    """Reads an experiment YAML, applies `key=value` overrides and validates every key."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such experiment file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    for item in overrides:
+        apply_override(raw, item, source=str(path))
+    return parse_experiment(raw, source=str(path))
+
+
+def apply_override(raw: dict, item: str, source: str = "command line") -> None:
+    """Sets a dotted key (`train.lr=1e-4`, `tasks.mdqa.n_train=50`) in the raw YAML mapping."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{source}: override {key!r}: {part!r} is not a section")
+        node = nxt
+    node[parts[-1]] = yaml.safe_load(value)
+
+
+def parse_experiment(raw: dict, source: str = "<experiment>") -> Experiment:
+    raw = dict(raw)
+    tasks_raw = raw.pop("tasks", None)
+    if not isinstance(tasks_raw, dict) or not tasks_raw:
+        raise ConfigError(f"{source}: 'tasks' must map task names to their settings")
+    tasks = []
+    for name, body in tasks_raw.items():
+        tasks.append(_parse_task(name, body or {}, source))
+    sections = _optional_sections()
+    values: dict[str, Any] = {"tasks": tuple(tasks), "source_file": source}
+    for key, value in raw.items():
+        if key in sections:
+            values[key] = build(sections[key], value or {}, f"{source}: {key}")
+    rest = {k: v for k, v in raw.items() if k not in sections}
+    experiment = build(Experiment, {**rest, **values}, source, prebuilt=set(values))
+    if experiment.synth is None:
+        experiment = dataclasses.replace(experiment, synth=sections["synth"]())
+    if experiment.model.path == "miniature" and experiment.miniature is None:
+        experiment = dataclasses.replace(experiment, miniature=sections["miniature"]())
+    _check_sweep(experiment, source)
+    return experiment
+
+
+def _parse_task(name: str, body: dict, source: str) -> TaskConfig:
+    from tasks import get_task
+
+    try:
+        module = get_task(name)
+    except (KeyError, ValueError) as err:
+        raise ConfigError(f"{source}: tasks.{name}: {err}") from err
+    config = build(TaskConfig, {"name": name, **body}, f"{source}: tasks.{name}")
+    for variant in config.variants:
+        if variant not in VARIANTS or (variant not in module.VARIANTS and variant != "base"):
+            valid = [v for v in VARIANTS if v in module.VARIANTS or v == "base"]
+            raise ConfigError(
+                f"{source}: tasks.{name}.variants: unknown variant {variant!r}; valid: {', '.join(valid)}"
+            )
+    for key in ("options", "limited_options"):
+        unknown = sorted(set(getattr(config, key)) - set(module.OPTIONS))
+        if unknown:
+            raise ConfigError(
+                f"{source}: tasks.{name}.{key}: unknown option {unknown[0]!r}; "
+                f"valid: {', '.join(sorted(module.OPTIONS))}"
+            )
+    unknown = sorted(set(config.sources) - set(module.SOURCES))
+    if unknown:
+        raise ConfigError(
+            f"{source}: tasks.{name}.sources: unknown source {unknown[0]!r}; valid: {', '.join(module.SOURCES)}"
+        )
+    return config
+
+
+def build(cls, data: Any, where: str, prebuilt: set[str] = frozenset()):
+    """Builds frozen dataclass `cls` from a mapping, checking every key and type."""
+    if dataclasses.is_dataclass(data):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in data.items():
+        if key not in fields or key == "source_file" and key not in prebuilt:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            valid = ", ".join(f for f in fields if f != "source_file")
+            raise ConfigError(f"{where}: unknown key {key!r}{hint}; valid keys: {valid}")
+        values[key] = value if key in prebuilt else _coerce(value, hints[key], f"{where}.{key}")
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{where}: missing required key {missing[0]!r}")
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value if value is not None else {}, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        inner = args[0] if args else Any
+        return tuple(_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value))
+    if hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _check_sweep(experiment: Experiment, source: str) -> None:
+    for key, values in experiment.sweep.items():
+        section, _, name = key.partition(".")
+        if section != "train" or name not in {f.name for f in dataclasses.fields(TrainConfig)}:
+            raise ConfigError(f"{source}: sweep key {key!r}: only train.<key> can be swept")
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{source}: sweep.{key}: expected a non-empty list of values")
+
+
+# ----------------------------------------------------------------------------- grid
+
+
+def expand(experiment: Experiment) -> list[Run]:
+    """Expands the grid: task x variant x seed x every swept value (fine-tuned variants only)."""
+    import itertools
+
+    sweep_keys = sorted(experiment.sweep)
+    combos = list(itertools.product(*(experiment.sweep[k] for k in sweep_keys))) or [()]
+    runs = []
+    for task in experiment.tasks:
+        for variant in task.variants:
+            seeds = experiment.seeds if variant != "base" else experiment.seeds[:1]
+            for seed in seeds:
+                for combo in combos if variant != "base" else [()]:
+                    overrides = tuple(zip(sweep_keys, combo))
+                    label = variant
+                    if len(experiment.seeds) > 1 and variant != "base":
+                        label += f"-s{seed}"
+                    for key, value in overrides:
+                        label += f"@{key.split('.', 1)[1]}={value}"
+                    runs.append(Run(task.name, variant, seed, overrides, label))
+    return runs
+
+
+def train_config(experiment: Experiment, run: Run) -> TrainConfig:
+    changes = {key.split(".", 1)[1]: value for key, value in run.overrides}
+    return dataclasses.replace(experiment.train, **changes)
+
+
+# ----------------------------------------------------------------------------- hashes
+
+
+def content_hash(*parts: Any) -> str:
+    """A stable hash of JSON-able parts (dataclasses included), equal across processes."""
+    blob = json.dumps([_jsonable(p) for p in parts], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def data_hash(experiment: Experiment, run: Run) -> str:
+    task = experiment.task(run.task)
+    variant = "real" if run.variant == "base" else run.variant
+    task_part = dataclasses.replace(task, variants=(), head_kind=None)
+    synth = experiment.synth if variant in SYNTHETIC_VARIANTS else None
+    # Datasets do not depend on the training seed: every seed of a variant trains on the same data.
+    return content_hash("data", experiment.model.path, experiment.miniature, task_part, variant, synth)
+
+
+def train_hash(experiment: Experiment, run: Run) -> str:
+    model = dataclasses.replace(experiment.model, name="")
+    config = dataclasses.replace(train_config(experiment, run), max_concurrent=None)
+    return content_hash("train", data_hash(experiment, run), model, config, run.seed)
+
+
+def eval_hash(experiment: Experiment, run: Run, split: str) -> str:
+    upstream = train_hash(experiment, run) if run.fine_tuned else content_hash(experiment.model)
+    data = data_hash(experiment, Run(run.task, "real", 0) if split == "real" or not run.fine_tuned else run)
+    settings = dataclasses.replace(experiment.evaluate, num_actors=None)
+    return content_hash("evaluate", upstream, data, split, settings, experiment.task(run.task).head_kind)
+
+
+def to_dict(experiment: Experiment) -> dict:
+    """The resolved config as plain YAML-able data (written into the run directory)."""
+    data = _jsonable(experiment)
+    data["tasks"] = {t.pop("name"): t for t in data["tasks"]}
+    data.pop("source_file", None)
+    return data

@@ -1,0 +1,370 @@
+"""`needlework run EXP.yaml`: data -> train -> evaluate -> knockout -> patching -> report.
+
+Reads top to bottom like a recipe: load the config, run each stage, write the report. Each
+stage reads the run directory, skips every output whose input hash is already recorded in
+the manifest, runs the rest and records them. Re-running a finished experiment runs nothing;
+changing one variant's setting re-runs only what depends on it.
+
+Example:
+    >>> run_experiment(load_experiment("experiments/demo.yaml"))
+    PosixPath('runs/demo/report/report.md')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Sequence
+
+from rich.console import Console
+
+from engine import config as cfg
+from engine.config import Experiment, Run
+from engine.store import RunStore, read_parquet, write_json
+
+console = Console(stderr=True)
+
+
+# ----------------------------------------------------------------------------- paths
+
+
+def data_dir(store: RunStore, run: Run) -> Path:
+    return store.path("data", run.task, "real" if run.variant == "base" else run.variant)
+
+
+def model_dir(store: RunStore, run: Run) -> Path | None:
+    return store.path("models", run.task, run.label) if run.fine_tuned else None
+
+
+def eval_dir(store: RunStore, run: Run, split: str) -> Path:
+    return store.path("eval", run.task, run.label, split)
+
+
+def base_model_path(experiment: Experiment, show_progress: bool = True) -> str:
+    """The base model: a local path or hub id, or the bundled miniature (pretrained once, cached)."""
+    if experiment.model.path != "miniature":
+        return experiment.model.path
+    from engine.miniature import ensure_base_model
+
+    return str(ensure_base_model(experiment.miniature, progress=show_progress))
+
+
+def head_kind(experiment: Experiment, task: str) -> str:
+    from tasks import get_task
+
+    return experiment.task(task).head_kind or getattr(get_task(task), "HEAD_KIND", "retrieval")
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def build_data(experiment: Experiment, store: RunStore, runs: Sequence[Run], base_model: str) -> None:
+    from engine.data import build_task_data
+    from engine.models import load_tokenizer
+
+    tokenizer = load_tokenizer(base_model, trust_remote_code=experiment.model.trust_remote_code)
+    synth = None
+    todo = {}
+    for run in runs:
+        variant = "real" if run.variant == "base" else run.variant
+        todo[(run.task, variant)] = dataclasses.replace(run, variant=variant)
+    for task in experiment.tasks:  # the real task's evaluation set is always needed
+        todo.setdefault((task.name, "real"), Run(task.name, "real", experiment.seeds[0]))
+    for (task_name, variant), run in sorted(todo.items(), key=lambda kv: (kv[0][0], kv[0][1] != "real", kv[0][1])):
+        key, digest = f"data/{task_name}/{variant}", cfg.data_hash(experiment, run)
+        if store.is_done(key, digest):
+            continue
+        task = experiment.task(task_name)
+        if variant in cfg.SYNTHETIC_VARIANTS and synth is None:
+            synth = make_synth(experiment, store)
+        options = {**task.options, **(task.limited_options if variant == "real_limited" else {})}
+        console.print(f"[bold]data[/] {task_name}/{variant}: {task.n_train} train, target {task.target_tokens} tokens")
+        out = data_dir(store, run)
+        build_task_data(
+            task_name,
+            variant,
+            sources=task.sources,
+            options=options,
+            tokenizer=tokenizer,
+            target_tokens=task.target_tokens,
+            n_train=task.n_train,
+            n_eval=task.n_eval,
+            seed=experiment.seeds[0],
+            out_dir=out,
+            synth=synth if variant in cfg.SYNTHETIC_VARIANTS else None,
+        )
+        store.mark_done(key, digest, out)
+
+
+def make_synth(experiment: Experiment, store: RunStore):
+    from engine.synth import make_synthesizer
+
+    return make_synthesizer(experiment.synth, store.path("synth_cache"))
+
+
+def train_models(experiment: Experiment, store: RunStore, runs: Sequence[Run], base_model: str) -> None:
+    from engine.train import TrainSpec, train_all
+
+    specs, keys = [], []
+    for run in runs:
+        if not run.fine_tuned:
+            continue
+        key, digest = f"train/{run.task}/{run.label}", cfg.train_hash(experiment, run)
+        if store.is_done(key, digest):
+            continue
+        train = cfg.train_config(experiment, run)
+        data = data_dir(store, run)
+        fields = {f.name for f in dataclasses.fields(TrainSpec)}
+        settings = {k: v for k, v in dataclasses.asdict(train).items() if k in fields}
+        specs.append(
+            TrainSpec(
+                name=f"{run.task}/{run.label}",
+                base_model=base_model,
+                train_path=str(data / "train.parquet"),
+                val_path=str(data / "val.parquet"),
+                out_dir=str(model_dir(store, run)),
+                rope_base=experiment.model.rope_base,
+                sliding_window=experiment.model.sliding_window,
+                seed=run.seed,
+                trust_remote_code=experiment.model.trust_remote_code,
+                **settings,
+            )
+        )
+        keys.append((key, digest, model_dir(store, run)))
+    if not specs:
+        return
+    console.print(f"[bold]train[/] {len(specs)} variant(s): {', '.join(s.name for s in specs)}")
+    train_all(specs, max_concurrent=experiment.train.max_concurrent)
+    for key, digest, out in keys:
+        store.mark_done(key, digest, out)
+
+
+def model_ref(experiment: Experiment, store: RunStore, run: Run, base_model: str):
+    from engine.evaluate import ModelRef
+
+    adapter = model_dir(store, run)
+    return ModelRef(
+        base_model=base_model,
+        adapter_dir=str(adapter) if adapter else None,
+        rope_base=experiment.model.rope_base,
+        sliding_window=experiment.model.sliding_window,
+        trust_remote_code=experiment.model.trust_remote_code,
+    )
+
+
+def pool_config(experiment: Experiment):
+    from engine.evaluate import PoolConfig
+
+    e = experiment.evaluate
+    return PoolConfig(
+        num_actors=e.num_actors,
+        cpus_per_actor=e.cpus_per_actor,
+        gpus_per_actor=e.gpus_per_actor,
+        shard_size=e.shard_size,
+        max_retries=e.max_retries,
+    )
+
+
+def evaluate_models(experiment: Experiment, store: RunStore, runs: Sequence[Run], base_model: str) -> None:
+    """Every model on the real task's evaluation set (F1) and on its own validation set (H_X)."""
+    from engine.evaluate import EvalJob, run_jobs
+
+    jobs, keys = [], []
+    e = experiment.evaluate
+    for run in runs:
+        for split in ("real", "own"):
+            key, digest = f"evaluate/{run.task}/{run.label}/{split}", cfg.eval_hash(experiment, run, split)
+            if store.is_done(key, digest):
+                continue
+            data = data_dir(store, Run(run.task, "real", 0)) / "eval.parquet" if split == "real" else (
+                data_dir(store, run) / "val.parquet"
+            )
+            out = eval_dir(store, run, split)
+            jobs.append(
+                EvalJob(
+                    name=f"{run.task}/{run.label}/{split}",
+                    model=model_ref(experiment, store, run, base_model),
+                    task=run.task,
+                    data_path=str(data),
+                    out_dir=str(out),
+                    score_heads=True,
+                    max_new_tokens=e.max_new_tokens,
+                    batch_size=e.batch_size,
+                    insight_strict=e.insight_strict,
+                    limit=e.limit,
+                )
+            )
+            keys.append((key, digest, out))
+    if not jobs:
+        return
+    console.print(f"[bold]evaluate[/] {len(jobs)} job(s)")
+    run_jobs(jobs, pool_config(experiment))
+    for key, digest, out in keys:
+        store.mark_done(key, digest, out)
+
+
+def run_knockouts(experiment: Experiment, store: RunStore, runs: Sequence[Run], base_model: str) -> None:
+    from analyses.knockout import run_knockout
+
+    k = experiment.knockout
+    if not k.enabled:
+        return
+    for run in runs:
+        if run.variant not in k.variants:
+            continue
+        key = f"knockout/{run.task}/{run.label}"
+        digest = cfg.content_hash(cfg.eval_hash(experiment, run, "own"), cfg.eval_hash(experiment, run, "real"), k)
+        if store.is_done(key, digest):
+            continue
+        out = store.path("knockout", run.task, run.label)
+        console.print(f"[bold]knockout[/] {run.task}/{run.label}: k in {list(k.ks)}, {len(k.seeds)} random seeds")
+        run_knockout(
+            model=model_ref(experiment, store, run, base_model),
+            task=run.task,
+            head_scores=str(eval_dir(store, run, "own") / "head_scores.parquet"),
+            kind=head_kind(experiment, run.task),
+            data_path=str(store.path("data", run.task, "real", "eval.parquet")),
+            ks=k.ks,
+            seeds=k.seeds,
+            out_dir=str(out),
+            pool=pool_config(experiment),
+            batch_size=experiment.evaluate.batch_size,
+            max_new_tokens=experiment.evaluate.max_new_tokens,
+            limit=experiment.evaluate.limit,
+        )
+        store.mark_done(key, digest, out)
+
+
+def run_patchings(experiment: Experiment, store: RunStore, runs: Sequence[Run], base_model: str) -> None:
+    from analyses.patching import run_patching
+
+    p = experiment.patching
+    if not p.enabled:
+        return
+    for run in runs:
+        wanted = p.variants if p.variants is not None else cfg.SYNTHETIC_VARIANTS + ("real_limited",)
+        if run.variant not in wanted or not run.fine_tuned:
+            continue
+        source = next((r for r in runs if r.task == run.task and r.variant == p.source and r.seed == run.seed
+                       and r.overrides == run.overrides), None)
+        if source is None:
+            continue
+        key = f"patching/{run.task}/{run.label}"
+        digest = cfg.content_hash(
+            *(cfg.eval_hash(experiment, r, s) for r in (run, source) for s in ("own", "real")), p
+        )
+        if store.is_done(key, digest):
+            continue
+        out = store.path("patching", run.task, run.label)
+        console.print(f"[bold]patching[/] {run.task}: {source.label} -> {run.label}")
+        run_patching(
+            target=model_ref(experiment, store, run, base_model),
+            source=model_ref(experiment, store, source, base_model),
+            task=run.task,
+            target_scores=str(eval_dir(store, run, "own") / "head_scores.parquet"),
+            source_scores=str(eval_dir(store, source, "own") / "head_scores.parquet"),
+            unpatched_predictions=str(eval_dir(store, run, "real") / "predictions.parquet"),
+            kind=head_kind(experiment, run.task),
+            data_path=str(store.path("data", run.task, "real", "eval.parquet")),
+            seeds=p.seeds,
+            out_dir=str(out),
+            pool=pool_config(experiment),
+            batch_size=experiment.evaluate.batch_size,
+            max_new_tokens=experiment.evaluate.max_new_tokens,
+            limit=experiment.evaluate.limit,
+        )
+        store.mark_done(key, digest, out)
+
+
+def write_reports(experiment: Experiment, store: RunStore, runs: Sequence[Run]) -> Path:
+    from analyses.overlap import run_overlap
+    from engine.report import write_report
+
+    labels = {t.name: [r.label for r in runs if r.task == t.name] for t in experiment.tasks}
+    run_overlap(
+        store.root,
+        tasks=[t.name for t in experiment.tasks],
+        variants=labels,
+        kind_by_task={t.name: head_kind(experiment, t.name) for t in experiment.tasks},
+    )
+    return write_report(store.root, config_summary=cfg.to_dict(experiment))
+
+
+# ----------------------------------------------------------------------------- recipe
+
+
+def init_ray() -> None:
+    """Joins the cluster of `ray job submit` (RAY_ADDRESS) or starts a local one."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False,
+                 include_dashboard=False if not os.environ.get("RAY_ADDRESS") else None)
+
+
+def run_experiment(experiment: Experiment, stages: Sequence[str] = cfg.STAGES) -> Path:
+    store = RunStore(experiment.resolved_run_dir())
+    store.save_config(cfg.to_dict(experiment), experiment.name)
+    runs = cfg.expand(experiment)
+    base_model = base_model_path(experiment)
+    init_ray()
+    if "data" in stages:
+        build_data(experiment, store, runs, base_model)
+    if "train" in stages:
+        train_models(experiment, store, runs, base_model)
+    if "evaluate" in stages:
+        evaluate_models(experiment, store, runs, base_model)
+    if "knockout" in stages:
+        run_knockouts(experiment, store, runs, base_model)
+    if "patching" in stages:
+        run_patchings(experiment, store, runs, base_model)
+    if "report" in stages:
+        report = write_reports(experiment, store, runs)
+        write_json({"report": str(report)}, store.path("report", "latest.json"))
+        return report
+    return store.root
+
+
+def plan(experiment: Experiment) -> list[dict]:
+    """What `run` would do: one row per grid cell and stage, with whether it is already done."""
+    store = RunStore(experiment.resolved_run_dir())
+    rows = []
+    for run in cfg.expand(experiment):
+        train = cfg.train_config(experiment, run)
+        checks = [("data", f"data/{run.task}/{'real' if run.variant == 'base' else run.variant}",
+                   cfg.data_hash(experiment, run))]
+        if run.fine_tuned:
+            checks.append(("train", f"train/{run.task}/{run.label}", cfg.train_hash(experiment, run)))
+        for split in ("real", "own"):
+            checks.append((f"evaluate:{split}", f"evaluate/{run.task}/{run.label}/{split}",
+                           cfg.eval_hash(experiment, run, split)))
+        for stage, key, digest in checks:
+            rows.append({
+                "task": run.task, "run": run.label, "stage": stage, "hash": digest,
+                "done": store.is_done(key, digest),
+                "resources": (f"{train.num_workers}x({train.cpus_per_worker} CPU, {train.gpus_per_worker} GPU)"
+                              if stage == "train" else
+                              f"actor({experiment.evaluate.cpus_per_actor} CPU, {experiment.evaluate.gpus_per_actor} GPU)"
+                              if stage.startswith("evaluate") else "driver"),
+            })
+    return rows
+
+
+def status(run_dir: str | Path) -> dict:
+    store = RunStore(run_dir)
+    if not store.path("config.yaml").exists():
+        from engine.store import StoreError
+
+        raise StoreError(f"{run_dir}: not a run directory (no config.yaml)")
+    manifest = store.manifest()
+    by_stage: dict[str, int] = {}
+    for key in manifest:
+        by_stage[key.split("/", 1)[0]] = by_stage.get(key.split("/", 1)[0], 0) + 1
+    return {"run_dir": str(run_dir), "finished": by_stage, "entries": manifest}
+
+
+def f1_of(path: Path) -> float:
+    table = read_parquet(path)
+    values = table.column("f1").to_pylist()
+    return sum(values) / len(values) if values else float("nan")
