@@ -155,11 +155,18 @@ class Run:
 # ----------------------------------------------------------------------------- parsing
 
 
-def _optional_sections() -> dict[str, type]:
-    from engine.miniature import MiniatureSpec
-    from engine.synth import SynthConfig
+def _section_class(name: str) -> type:
+    """Sections whose dataclasses live with their stage; imported only when used."""
+    if name == "synth":
+        from engine.synth import SynthConfig
 
-    return {"synth": SynthConfig, "miniature": MiniatureSpec}
+        return SynthConfig
+    from engine.miniature import MiniatureSpec
+
+    return MiniatureSpec
+
+
+SECTIONS = ("synth", "miniature")
 
 
 def load_experiment(path: str | Path, overrides: typing.Sequence[str] = ()) -> Experiment:
@@ -203,17 +210,16 @@ def parse_experiment(raw: dict, source: str = "<experiment>") -> Experiment:
     tasks = []
     for name, body in tasks_raw.items():
         tasks.append(_parse_task(name, body or {}, source))
-    sections = _optional_sections()
     values: dict[str, Any] = {"tasks": tuple(tasks), "source_file": source}
     for key, value in raw.items():
-        if key in sections:
-            values[key] = build(sections[key], value or {}, f"{source}: {key}")
-    rest = {k: v for k, v in raw.items() if k not in sections}
-    experiment = build(Experiment, {**rest, **values}, source, prebuilt=set(values))
+        if key in SECTIONS:
+            values[key] = build(_section_class(key), value or {}, f"{source}: {key}")
+    rest = {k: v for k, v in raw.items() if k not in SECTIONS}
+    experiment = build(Experiment, {**rest, **values}, f"{source}:", prebuilt=set(values))
     if experiment.synth is None:
-        experiment = dataclasses.replace(experiment, synth=sections["synth"]())
+        experiment = dataclasses.replace(experiment, synth=_section_class("synth")())
     if experiment.model.path == "miniature" and experiment.miniature is None:
-        experiment = dataclasses.replace(experiment, miniature=sections["miniature"]())
+        experiment = dataclasses.replace(experiment, miniature=_section_class("miniature")())
     _check_sweep(experiment, source)
     return experiment
 
@@ -251,6 +257,8 @@ def build(cls, data: Any, where: str, prebuilt: set[str] = frozenset()):
     """Builds frozen dataclass `cls` from a mapping, checking every key and type."""
     if dataclasses.is_dataclass(data):
         return data
+    where_key = where
+    where = where.rstrip(":")
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -262,7 +270,7 @@ def build(cls, data: Any, where: str, prebuilt: set[str] = frozenset()):
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             valid = ", ".join(f for f in fields if f != "source_file")
             raise ConfigError(f"{where}: unknown key {key!r}{hint}; valid keys: {valid}")
-        values[key] = value if key in prebuilt else _coerce(value, hints[key], f"{where}.{key}")
+        values[key] = value if key in prebuilt else _coerce(value, hints[key], _join(where_key, key))
     missing = [
         name
         for name, f in fields.items()
@@ -271,6 +279,11 @@ def build(cls, data: Any, where: str, prebuilt: set[str] = frozenset()):
     if missing:
         raise ConfigError(f"{where}: missing required key {missing[0]!r}")
     return cls(**values)
+
+
+def _join(where: str, key: str) -> str:
+    """`file.yaml: train.lr`: the file, then the dotted key inside it."""
+    return f"{where} {key}" if where.endswith(":") else f"{where}.{key}"
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:

@@ -79,12 +79,13 @@ def build_data(experiment: Experiment, store: RunStore, runs: Sequence[Run], bas
         if variant in cfg.SYNTHETIC_VARIANTS and synth is None:
             synth = make_synth(experiment, store)
         options = {**task.options, **(task.limited_options if variant == "real_limited" else {})}
+        sources = task.sources or bundled_sources(experiment, base_model).get(task_name, {})
         console.print(f"[bold]data[/] {task_name}/{variant}: {task.n_train} train, target {task.target_tokens} tokens")
         out = data_dir(store, run)
         build_task_data(
             task_name,
             variant,
-            sources=task.sources,
+            sources=sources,
             options=options,
             tokenizer=tokenizer,
             target_tokens=task.target_tokens,
@@ -95,6 +96,15 @@ def build_data(experiment: Experiment, store: RunStore, runs: Sequence[Run], bas
             synth=synth if variant in cfg.SYNTHETIC_VARIANTS else None,
         )
         store.mark_done(key, digest, out)
+
+
+def bundled_sources(experiment: Experiment, base_model: str) -> dict[str, dict[str, str]]:
+    """The miniature's world rendered in the public task formats, for tasks that name no sources."""
+    if experiment.model.path != "miniature":
+        return {}
+    from engine.miniature import sources_of
+
+    return sources_of(Path(base_model))
 
 
 def make_synth(experiment: Experiment, store: RunStore):

@@ -1,0 +1,133 @@
+"""transformers `generate` in Ray Data actors, so a CPU or a small GPU can synthesize.
+
+`HFGenerator` is a plain class (callable on a batch, testable without Ray); `HFBackend`
+runs it with `Dataset.map_batches` over a fixed pool of `concurrency` actors, each loading
+the model once. Greedy decoding (temperature 0) is batched; sampling runs row by row under
+`torch.manual_seed(seed)`, so a row's text depends only on its own seed, never on which
+rows shared its batch (the cache key assumes exactly that).
+
+Example:
+    >>> backend = HFBackend(SynthConfig(backend="hf", model="Qwen/Qwen2.5-0.5B-Instruct",
+    ...                                 temperature=0, concurrency=1, batch_size=8))
+    >>> backend.complete([[{"role": "user", "content": "Name a colour."}]], seeds=[0])
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from engine.synth.config import SynthConfig
+
+
+def render_chat(tokenizer, chat: list[dict]) -> str:
+    """The prompt text: the model's chat template, or a plain transcript if it has none."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    lines = [f"{m['role']}: {m['content']}" for m in chat]
+    return "\n".join(lines) + "\nassistant:"
+
+
+class HFGenerator:
+    """Loads a causal LM once and generates for batches of rows {index, chat, seed}."""
+
+    def __init__(
+        self,
+        model: str,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        torch_threads: int = 1,
+    ):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch.set_num_threads(torch_threads)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer.padding_side = "left"  # decoder-only batches pad on the left
+        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
+        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(self.device).eval()
+        self.max_tokens = max_tokens
+        self.temperature = temperature
+        self.top_p = top_p
+
+    def _generate(self, prompts: list[str], sample: bool) -> list[str]:
+        import torch
+
+        templated = bool(getattr(self.tokenizer, "chat_template", None))
+        enc = self.tokenizer(
+            prompts, return_tensors="pt", padding=True, add_special_tokens=not templated
+        ).to(self.device)
+        kwargs = dict(max_new_tokens=self.max_tokens, pad_token_id=self.tokenizer.pad_token_id)
+        if sample:
+            kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p)
+        else:
+            kwargs.update(do_sample=False)
+        with torch.inference_mode():
+            out = self.model.generate(**enc, **kwargs)  # [batch, prompt + new]
+        new = out[:, enc["input_ids"].shape[1] :]
+        return self.tokenizer.batch_decode(new, skip_special_tokens=True)
+
+    def generate(self, chats: list[list[dict]], seeds: list[int]) -> list[str]:
+        import torch
+
+        prompts = [render_chat(self.tokenizer, c) for c in chats]
+        if self.temperature == 0:
+            return self._generate(prompts, sample=False)
+        texts = []
+        for prompt, seed in zip(prompts, seeds):
+            torch.manual_seed(int(seed))
+            texts += self._generate([prompt], sample=True)
+        return texts
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import ray
+
+        chats = [json.loads(c) for c in batch["chat"]]
+        texts = self.generate(chats, [int(s) for s in batch["seed"]])
+        actor = ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None
+        worker = f"{os.getpid()}:{actor}"
+        return {
+            "index": np.asarray(batch["index"]),
+            "text": np.array(texts, dtype=object),
+            "worker": np.array([worker] * len(texts), dtype=object),
+        }
+
+
+class HFBackend:
+    """Runs `HFGenerator` over a Ray Data actor pool; `workers` records who generated."""
+
+    def __init__(self, config: SynthConfig):
+        self.config = config
+        self.workers: set[str] = set()
+
+    def complete(self, chats: list[list[dict]], seeds: list[int]) -> list[str]:
+        import ray
+
+        if not chats:
+            return []
+        c = self.config
+        rows = [{"index": i, "chat": json.dumps(chat), "seed": int(s)} for i, (chat, s) in enumerate(zip(chats, seeds))]
+        ds = ray.data.from_items(rows).map_batches(
+            HFGenerator,
+            fn_constructor_kwargs=dict(
+                model=c.model, max_tokens=c.max_tokens, temperature=c.temperature, top_p=c.top_p
+            ),
+            batch_size=c.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=c.concurrency),
+            num_cpus=1,
+            num_gpus=c.num_gpus or None,
+        )
+        texts: list[str | None] = [None] * len(chats)
+        for row in ds.iter_rows():
+            texts[int(row["index"])] = str(row["text"])
+            self.workers.add(str(row["worker"]))
+        missing = [i for i, t in enumerate(texts) if t is None]
+        if missing:
+            raise RuntimeError(f"hf backend returned no text for rows {missing[:10]}")
+        return texts  # type: ignore[return-value]

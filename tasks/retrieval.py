@@ -1,0 +1,59 @@
+"""Ranking distractor passages for a question: BM25 (default) or a dense encoder.
+
+Liu et al. (2024, "Lost in the Middle") build MDQA contexts from passages retrieved for the
+question, most relevant first; Zhao et al. (2025) extend MDQA to 32K tokens the same way.
+BM25 is `bm25s`; the dense option mean-pools the last hidden states of a local HF encoder
+(any `AutoModel` path; no download) and ranks by cosine similarity.
+
+Example:
+    >>> rank_bm25(["capital of france"], ["Paris is the capital of France.", "Cats purr."], k=2)
+    [[0, 1]]
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def rank_bm25(queries: list[str], corpus: list[str], k: int) -> list[list[int]]:
+    """Indices of the `k` best corpus passages for each query, best first."""
+    import bm25s
+
+    k = min(k, len(corpus))
+    if k == 0 or not queries:
+        return [[] for _ in queries]
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize(corpus, stopwords="en", show_progress=False), show_progress=False)
+    # Queries as strings so they map through the index vocabulary (ids would be a new vocabulary).
+    qtok = bm25s.tokenize(queries, stopwords="en", return_ids=False, show_progress=False)
+    qtok = [q if q else ["the"] for q in qtok]
+    docs, _ = retriever.retrieve(qtok, k=k, show_progress=False, n_threads=1)
+    return [list(map(int, row)) for row in np.asarray(docs)]
+
+
+def rank_dense(queries: list[str], corpus: list[str], k: int, model_path: str, batch_size: int = 16,
+               max_length: int = 512) -> list[list[int]]:
+    """Like `rank_bm25`, by cosine similarity of mean-pooled encoder states."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModel.from_pretrained(model_path).eval()
+
+    @torch.no_grad()
+    def embed(texts: list[str]) -> torch.Tensor:
+        out = []
+        for i in range(0, len(texts), batch_size):
+            batch = tok(texts[i : i + batch_size], padding=True, truncation=True, max_length=max_length,
+                        return_tensors="pt")
+            hidden = model(**batch).last_hidden_state  # [batch, pos, d_model]
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+            out.append(torch.nn.functional.normalize(pooled.float(), dim=-1))
+        return torch.cat(out)
+
+    k = min(k, len(corpus))
+    sims = embed(queries) @ embed(corpus).T  # [n_queries, n_corpus]
+    return sims.topk(k, dim=-1).indices.tolist()

@@ -1,0 +1,291 @@
+"""SummHay citation: which two of ten documents state an insight? (Zhao et al. 2025, Sec. 2-3).
+
+Real: from Summary of a Haystack topic files (Laban et al., 2024: `subtopics[].insights[]`
+with `insight_id`/`insight`, `documents[]` with `document_text`/`insights_included`), ten
+documents of one topic where the queried insight is contained in exactly two; the answer
+is their numbers, `[i][j]`, sorted. The insight's needle in each document is the sentence
+closest to it (token F1). Documents are truncated by sentences or padded with filler
+sentences to the target length. `real_limited` keeps insights of some subtopics.
+Synthetic: an insight about a fictional entity, rephrased per document (hh among fictional
+paragraphs, hl in filler), or simplified to a symbol template (lh, ll); symbolic: lists of
+4-character strings, the queried string in exactly two lists.
+
+Sources: `train`, `eval`: a topic JSON file, a JSON list of topics, or a directory of them.
+
+Example:
+    >>> from tasks import summhay
+    >>> res = summhay.build("ll", sources={}, options={}, tokenizer=tok, target_tokens=2048, n=2,
+    ...                     seed=0, split="train")
+    >>> summhay.score(res.examples[0].target, res.examples[0])["f1"]
+    1.0
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter
+from pathlib import Path
+
+from tasks import fiction
+from tasks import symbols as sym
+from tasks.build import (BuildResult, DataError, count, generate, in_eval_partition, make_example, read_json,
+                         request, resolve_options, same_file, source_path)
+from tasks.example import Example
+from tasks.fitting import Draft, Segment, TokenCounter, fit
+from tasks.haystack import filler_stream, take_tokens
+from tasks.text import citation_f1, first_answer_line, parse_citations, token_f1
+
+NAME = "summhay"
+VARIANTS = ("real", "real_limited", "hh", "hl", "lh", "ll", "symbolic")
+MAX_NEW_TOKENS = 16
+STOP_STRINGS = ("\n",)
+SOURCES = ("train", "eval")
+N_DOCS = 10
+OPTIONS = {
+    "n_documents": N_DOCS,
+    "limited_subtopics": [],  # real_limited: subtopic ids or names kept; empty -> the first of each topic
+    "distractor_insights": 2,  # synthetic: other insights per document
+    **fiction.OPTIONS_DEFAULTS,
+}
+
+HEAD = ("Below are numbered documents, followed by a statement. Find the two documents that "
+        "contain the information in the statement.\n\n")
+TAIL = ("Statement: {s}\nReply with only the numbers of the two documents in brackets, smallest "
+        "first, for example [2][5].\nAnswer:")
+_SENTENCE = re.compile(r"(?<=[.!?])\s+")
+
+
+def score(prediction: str, example: Example) -> dict[str, float]:
+    """Citation F1 over the set of document ids; EM when the sets are equal."""
+    pred = first_answer_line(prediction)
+    return {"f1": citation_f1(pred, example.target),
+            "em": float(parse_citations(pred) == parse_citations(example.target))}
+
+
+# ---------------------------------------------------------------- documents and fitting
+
+
+def _fit_documents(counter, docs, filler_units, statement, opts, target):
+    """Fits ten documents: needles stay; other sentences (round-robin), then filler, as budget allows.
+
+    `docs` is a list of (mandatory, optional) per document: mandatory is a list of
+    (depth, text, marks) needles; optional the document's other sentences in order.
+    """
+    n = len(docs)
+    order = [(d, j) for j in range(max((len(o) for _, o in docs), default=0)) for d in range(n) if j < len(docs[d][1])]
+    units = [docs[d][1][j] for d, j in order] + list(filler_units)
+
+    def arrange(k: int) -> Draft:
+        take = [0] * n
+        for d, _ in order[:k]:
+            take[d] += 1
+        fill = [[] for _ in range(n)]
+        for i, u in enumerate(filler_units[: max(0, k - len(order))]):
+            fill[i % n].append(u)
+        segs = []
+        for d, (mandatory, optional) in enumerate(docs):
+            head = f"Document [{d + 1}]:\n"
+            segs.append(Segment(head))
+            body = [Segment(s) for s in optional[: take[d]]] + [Segment(u) for u in fill[d]]
+            for depth, text, marks in sorted(mandatory, key=lambda m: -m[0]):
+                body.insert(int(depth * (len(body) + 1)) if body else 0, Segment(text, marks))
+            segs.extend(body)
+            segs.append(Segment("\n\n"))
+        # Filler words, if needed, end the last document rather than follow it.
+        return Draft(HEAD, segs, TAIL.format(s=statement), slot=len(segs) - 1, filler_suffix=" ")
+
+    return fit(counter, arrange, len(units), target, opts["filler"], unit_texts=units)
+
+
+def _mark_headers(fitted, cited: list[int]):
+    """Answer spans: the `[i]` of the cited documents' headers."""
+    spans = []
+    for i in cited:
+        at = fitted.prompt.index(f"Document [{i}]:\n", fitted.context[0]) + len("Document ")
+        spans.append((at, at + len(f"[{i}]")))
+    fitted.spans["answer"] = spans
+    return fitted
+
+
+def _example(fitted, variant, split, index, seed, cited, meta):
+    cited = sorted(cited)
+    fitted = _mark_headers(fitted, cited)
+    target = "".join(f"[{i}]" for i in cited)
+    return make_example(task=NAME, variant=variant, split=split, index=index, seed=seed, fitted=fitted,
+                        target=" " + target, answers=[target], meta=meta)
+
+
+# ---------------------------------------------------------------- real data
+
+
+def load_topics(path: Path) -> list[dict]:
+    files = sorted(path.glob("*.json")) if path.is_dir() else [path]
+    topics = []
+    for f in files:
+        data = read_json(f, "a SummHay topic object (or a list of them)")
+        for t_i, topic in enumerate(data if isinstance(data, list) else [data]):
+            where = f"{f} topic {t_i}"
+            if not isinstance(topic, dict) or "subtopics" not in topic or "documents" not in topic:
+                raise DataError(f"{where}: expected keys 'subtopics' and 'documents' (SummHay topic format)")
+            for s in topic["subtopics"]:
+                for ins in s.get("insights", []):
+                    if "insight_id" not in ins or "insight" not in ins:
+                        raise DataError(f"{where}: subtopic {s.get('subtopic_id')} insight lacks 'insight_id'/'insight'")
+            for j, doc in enumerate(topic["documents"]):
+                if "document_text" not in doc or "insights_included" not in doc:
+                    raise DataError(f"{where}: documents[{j}] lacks 'document_text'/'insights_included'")
+            topic["_where"] = where
+            topics.append(topic)
+    return topics
+
+
+def needle_sentence(text: str, insight: str) -> tuple[int, str]:
+    """Index and text of the document sentence closest to the insight (token F1)."""
+    sentences = [s for s in _SENTENCE.split(text.strip()) if s]
+    best = max(range(len(sentences)), key=lambda i: token_f1(sentences[i], insight))
+    return best, sentences
+
+
+def build_real(variant, sources, opts, counter, target, n, seed, split) -> BuildResult:
+    topics = load_topics(source_path(sources, "train" if split == "train" else "eval", NAME, SOURCES))
+    rng = random.Random(seed)
+    dropped: dict[str, int] = Counter()
+    candidates = []
+    for topic in topics:
+        for s_i, sub in enumerate(topic["subtopics"]):
+            if variant == "real_limited":
+                keep = opts["limited_subtopics"]
+                if (keep and sub.get("subtopic_id") not in keep and sub.get("subtopic") not in keep) or \
+                        (not keep and s_i != 0):
+                    dropped["subtopic_not_limited"] += len(sub.get("insights", []))
+                    continue
+            for ins in sub.get("insights", []):
+                if same_file(sources, "train", "eval") and in_eval_partition(ins["insight_id"], seed) != (split == "eval"):
+                    continue
+                having = [d for d in topic["documents"] if ins["insight_id"] in d["insights_included"]]
+                others = [d for d in topic["documents"] if ins["insight_id"] not in d["insights_included"]]
+                if len(having) < 2:
+                    count(dropped, "insight_in_fewer_than_two_documents")
+                elif len(others) < opts["n_documents"] - 2:
+                    count(dropped, "too_few_other_documents")
+                else:
+                    candidates.append((ins, having, others))
+    rng.shuffle(candidates)
+    filler_units = take_tokens(counter, filler_stream(opts["filler"]), target)
+    examples = []
+    for c_i in range(n if candidates else 0):
+        ins, having, others = candidates[c_i % len(candidates)]
+        chosen = rng.sample(having, 2) + rng.sample(others, opts["n_documents"] - 2)
+        rng.shuffle(chosen)
+        docs, cited = [], []
+        for d_i, doc in enumerate(chosen):
+            if any(doc is h for h in having):
+                best, sentences = needle_sentence(doc["document_text"], ins["insight"])
+                text = sentences[best] + " "
+                depth = best / max(1, len(sentences) - 1)
+                docs.append(([(depth, text, ((0, len(text) - 1, "needle"),))],
+                             [s + " " for i, s in enumerate(sentences) if i != best]))
+                cited.append(d_i + 1)
+            else:
+                docs.append(([], [s + " " for s in _SENTENCE.split(doc["document_text"].strip()) if s]))
+        fitted = _fit_documents(counter, docs, filler_units, ins["insight"], opts, target)
+        if fitted is None:
+            count(dropped, "too_long_for_target")
+            continue
+        examples.append(_example(fitted, variant, split, len(examples), seed, cited,
+                                 {"insight_id": ins["insight_id"], "statement": ins["insight"]}))
+    if len(examples) < n:
+        dropped["short_of_n"] = n - len(examples)
+    return BuildResult(examples, dict(dropped))
+
+
+# ---------------------------------------------------------------- synthetic variants
+
+
+def build_synthetic(variant, opts, counter, target, n, seed, split, synth) -> BuildResult:
+    rng = random.Random(f"{seed}:{split}:{variant}")
+    high, diverse = variant in ("hh", "hl"), variant in ("hh", "lh")
+    n_docs, n_other = int(opts["n_documents"]), int(opts["distractor_insights"])
+    plans, reqs = [], []
+    for i in range(n):
+        k = 1 + n_docs * n_other
+        if high:
+            ents, vals = sym.names(rng, k, opts["entity_names"]), sym.names(rng, k, opts["entity_names"])
+        else:
+            ents = sym.symbols(rng, 2 * k, opts["symbol_alphabet"], opts["symbol_length"])
+            ents, vals = ents[:k], ents[k:]
+        facts = [fiction.Fact(e, rng.choice(opts["relations"]), v) for e, v in zip(ents, vals)]
+        frame = (lambda: rng.choice(opts["fact_frames"])) if high else (lambda: opts["symbol_frame"])
+        insights = [fiction.fact_sentence(f, frame()) for f in facts]
+        cited = sorted(rng.sample(range(n_docs), 2))
+        plans.append((insights, cited))
+        if high:  # each of the two documents states the insight in its own words
+            reqs += [request("rephrase_insight", insights[0], seed * 1_000_003 + 2 * i + j, insight=insights[0])
+                     for j in range(2)]
+    texts = generate(synth, reqs)
+    pool = [x + " " for _, x in fiction.paragraph_pool(rng, opts, synth, set(), seed)] if diverse else []
+    filler_units = take_tokens(counter, filler_stream(opts["filler"]), target) if not diverse else []
+    examples = []
+    for i, (insights, cited) in enumerate(plans):
+        stated = [" ".join(t.split()) + " " for t in texts[2 * i : 2 * i + 2]] if high else [insights[0] + " "] * 2
+        docs, others = [], iter(insights[1:])
+        haystack = list(pool)
+        rng.shuffle(haystack)
+        per_doc = len(haystack) // n_docs
+        for d in range(n_docs):
+            mandatory = [(rng.random(), next(others) + " ", ()) for _ in range(n_other)]
+            if d in cited:
+                text = stated[cited.index(d)]
+                mandatory.append((rng.random(), text, ((0, len(text) - 1, "needle"),)))
+            docs.append((mandatory, haystack[d * per_doc : (d + 1) * per_doc]))
+        fitted = _fit_documents(counter, docs, filler_units, insights[0], opts, target)
+        if fitted is None:
+            count({}, "too_long_for_target")
+            continue
+        examples.append(_example(fitted, variant, split, len(examples), seed, [c + 1 for c in cited],
+                                 {"statement": insights[0]}))
+    dropped = {"too_long_for_target": n - len(examples)} if len(examples) < n else {}
+    return BuildResult(examples, dropped)
+
+
+def build_symbolic(opts, counter, target, n, seed, split) -> BuildResult:
+    rng = random.Random(f"{seed}:{split}:symbolic")
+    n_docs = int(opts["n_documents"])
+    alphabet, length = opts["symbol_alphabet"], opts["symbol_length"]
+    examples = []
+    per_token = max(1, counter.count(" ".join(["abcd,"] * 50)) // 50)
+    n_strings = target // per_token + 2 * n_docs
+    for i in range(n):
+        strings = sym.symbols(rng, n_strings + 1, alphabet, length)
+        query, rest = strings[0], [s + ", " for s in strings[1:]]
+        cited = sorted(rng.sample(range(n_docs), 2))
+        per_doc = len(rest) // n_docs
+        docs = []
+        for d in range(n_docs):
+            mandatory = [(rng.random(), query + ", ", ((0, len(query), "needle"),))] if d in cited else []
+            docs.append((mandatory, rest[d * per_doc : (d + 1) * per_doc]))
+        statement = f'the string "{query}"'
+        fitted = _fit_documents(counter, docs, [], statement, {**opts, "filler": " ".join(strings[1:50])}, target)
+        if fitted is None:
+            continue
+        examples.append(_example(fitted, "symbolic", split, len(examples), seed, [c + 1 for c in cited],
+                                 {"query": query}))
+    return BuildResult(examples, {"too_long_for_target": n - len(examples)} if len(examples) < n else {})
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def build(variant: str, *, sources: dict, options: dict, tokenizer, target_tokens: int, n: int, seed: int,
+          split: str, synth=None) -> BuildResult:
+    """Builds `n` SummHay citation examples of `variant`; see `tasks.mdqa.build` for the arguments."""
+    opts = resolve_options(OPTIONS, options, NAME)
+    if variant not in VARIANTS:
+        raise DataError(f"summhay: unknown variant {variant!r}; valid: {list(VARIANTS)}")
+    counter = tokenizer if isinstance(tokenizer, TokenCounter) else TokenCounter(tokenizer)
+    if variant in ("real", "real_limited"):
+        return build_real(variant, sources, opts, counter, target_tokens, n, seed, split)
+    if variant == "symbolic":
+        return build_symbolic(opts, counter, target_tokens, n, seed, split)
+    return build_synthetic(variant, opts, counter, target_tokens, n, seed, split, synth)

@@ -1,0 +1,126 @@
+"""The hf backend end to end: a tiny random Llama generating through Ray Data actors on CPU.
+
+The model's output is gibberish, so the test checks mechanics: texts equal a direct
+`model.generate` reference, generation ran in Ray actors, validation counts failures, and
+a re-run is served from the cache.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+import torch
+
+from engine.synth import SynthConfig, Synthesizer, make_request
+from engine.synth.hf import HFBackend, HFGenerator
+from engine.synth.prompts import build_chat
+from engine.synth.synthesizer import attempt_seed
+from engine.synth.validate import check
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    from tiny import save_tiny
+
+    # prompts are ~450 characters = tokens with the char tokenizer
+    return str(save_tiny("llama", tmp_path_factory.mktemp("synth_hf") / "llama", max_position_embeddings=2048))
+
+
+def reference(path, chats, max_new_tokens, seeds=None, temperature=0.0, top_p=1.0):
+    """Each chat alone, unpadded, through `model.generate`, rendered as a plain transcript."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    out = []
+    for i, chat in enumerate(chats):
+        prompt = "".join(f"{m['role']}: {m['content']}\n" for m in chat) + "assistant:"
+        ids = tok(prompt, return_tensors="pt")
+        kwargs = dict(do_sample=False)
+        if seeds is not None:
+            torch.manual_seed(seeds[i])
+            kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p)
+        gen = model.generate(**ids, max_new_tokens=max_new_tokens, pad_token_id=0, **kwargs)
+        out.append(tok.decode(gen[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
+    return out
+
+
+def run_with_timeout(fn, seconds=240):
+    """Runs fn in a thread and fails the test if it does not return in time."""
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("value", fn()), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"Ray Data generation did not finish in {seconds} s"
+    return result["value"]
+
+
+def test_hf_backend_greedy_matches_model_generate_in_ray_actors(ray_cluster, tiny_llama):
+    chats = [[{"role": "user", "content": f"Tell me about {name}."}] for name in ("Ada", "Bo", "Cyrus Z", "Dee")]
+    cfg = SynthConfig(backend="hf", model=tiny_llama, temperature=0, max_tokens=8, batch_size=3, concurrency=1)
+    backend = HFBackend(cfg)
+    texts = run_with_timeout(lambda: backend.complete(chats, [0, 1, 2, 3]))
+    expected = reference(tiny_llama, chats, 8)
+    assert texts == expected
+    assert len(set(expected)) > 1  # the prompts really lead to different outputs
+    assert backend.workers, "no worker recorded"
+    for worker in backend.workers:
+        pid, actor = worker.split(":")
+        assert int(pid) != os.getpid() and actor != "None"  # ran in a Ray actor, not in the driver
+
+
+def test_hf_generator_sampling_follows_each_rows_seed(tiny_llama):
+    # the actor class is plain Python: sampling is checked without Ray
+    chats = [[{"role": "user", "content": "Say something."}]] * 2 + [[{"role": "user", "content": "Other."}]]
+    seeds = [5, 6, 5]
+    generator = HFGenerator(tiny_llama, max_tokens=6, temperature=1.0, top_p=1.0)
+    texts = generator.generate(chats, seeds)
+    assert texts == reference(tiny_llama, chats, 6, seeds=seeds, temperature=1.0)
+    assert texts[0] != texts[1]  # same prompt, different seeds
+
+
+def test_hf_synthesizer_validates_retries_and_caches(ray_cluster, tiny_llama, tmp_path):
+    insight = "Teams that meet weekly report fewer missed deadlines than teams that meet monthly."
+    reqs = [
+        make_request("simplify_insight", template="Weekly meetings help.", insight=insight, seed=1),
+        make_request("paraphrase_needle", template="Ada lives in Rome.", sentence="Ada lives in Rome.",
+                     answer="Rome", seed=2),
+    ]
+    cfg = SynthConfig(backend="hf", model=tiny_llama, temperature=1.0, top_p=1.0, max_tokens=10, max_retries=1,
+                      batch_size=2)
+    synth = Synthesizer(cfg, tmp_path / "cache", show_progress=False)
+    texts = run_with_timeout(lambda: synth.generate(reqs))
+
+    # expected: sample each request with its attempt seeds until an output validates
+    expected, invalid, generated = [], 0, 0
+    for r in reqs:
+        for attempt in range(2):
+            seed = attempt_seed(r.seed, attempt)
+            raw = reference(tiny_llama, [build_chat(r)], 10, seeds=[seed], temperature=1.0)[0]
+            generated += 1
+            verdict = check(r, raw)
+            if verdict.ok:
+                expected.append(verdict.text)
+                break
+            invalid += 1
+        else:
+            expected.append(r.template)
+    assert invalid >= 2  # a random model cannot keep "Rome" in a paraphrase, so it was retried
+    assert texts == expected
+    report = synth.report
+    assert texts[1] == reqs[1].template and report["fallback"] == 1
+    assert report["invalid_outputs"] == invalid
+    assert report["generated"] == generated
+    assert report["retried"] == generated - len(reqs)
+
+    again = Synthesizer(cfg, tmp_path / "cache", show_progress=False)
+    again.backend = _Forbidden()  # everything must now come from the cache
+    assert again.generate(reqs) == texts
+    assert again.report["generated"] == 0 and again.report["cache_hits"] == generated
+
+
+class _Forbidden:
+    def complete(self, chats, seeds):
+        raise AssertionError("backend called although every generation is cached")

@@ -1,0 +1,131 @@
+"""engine/config.py: YAML -> dataclasses, grid expansion, hashes, clear errors."""
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from engine.config import (
+    ConfigError,
+    data_hash,
+    eval_hash,
+    expand,
+    load_experiment,
+    train_config,
+    train_hash,
+)
+
+YAML = """
+name: grid
+model: {name: tiny, path: /models/tiny, rope_base: 80000}
+seeds: [0, 1]
+tasks:
+  mdqa:
+    variants: [real, hh, base]
+    n_train: 20
+    target_tokens: 500
+  musique:
+    variants: [real, symbolic]
+train: {lr: 1.0e-4, max_steps: 5}
+sweep: {train.lora_rank: [4, 8]}
+"""
+
+
+def write(tmp_path, text, name="exp.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_grid_expands_to_expected_runs(tmp_path):
+    exp = load_experiment(write(tmp_path, YAML))
+    runs = expand(exp)
+    labels = sorted((r.task, r.label) for r in runs)
+    # 2 fine-tuned mdqa variants x 2 seeds x 2 ranks + base once; musique 2 x 2 x 2
+    assert len(runs) == 2 * 2 * 2 + 1 + 2 * 2 * 2
+    assert ("mdqa", "base") in labels
+    assert ("mdqa", "hh-s1@lora_rank=8") in labels
+    run = next(r for r in runs if r.label == "hh-s1@lora_rank=4")
+    assert train_config(exp, run).lora_rank == 4 and train_config(exp, run).lr == 1e-4
+
+
+def test_overrides_apply(tmp_path):
+    exp = load_experiment(write(tmp_path, YAML), overrides=["train.lr=3e-5", "tasks.mdqa.n_train=7"])
+    assert exp.train.lr == 3e-5 and exp.task("mdqa").n_train == 7
+
+
+def _hashes(path):
+    code = (
+        "import sys; sys.path.insert(0, '.');"
+        "from engine.config import *;"
+        f"e = load_experiment({str(path)!r}); r = expand(e)[0];"
+        "print(data_hash(e, r), train_hash(e, r), eval_hash(e, r, 'real'))"
+    )
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).parents[2]).stdout.split()
+
+
+def test_hashes_stable_across_processes_and_sensitive_to_inputs(tmp_path):
+    path = write(tmp_path, YAML)
+    first, second = _hashes(path), _hashes(path)
+    assert first == second and len(set(first)) == 3
+    exp = load_experiment(path)
+    run = expand(exp)[0]
+    changed = load_experiment(path, overrides=["train.lr=2e-4"])
+    assert data_hash(exp, run) == data_hash(changed, run)  # training settings do not touch data
+    assert train_hash(exp, run) != train_hash(changed, run)
+    assert eval_hash(exp, run, "real") != eval_hash(changed, run, "real")
+    more_data = load_experiment(path, overrides=["tasks.mdqa.n_train=21"])
+    assert data_hash(exp, run) != data_hash(more_data, run)
+    # other task untouched
+    mus = next(r for r in expand(exp) if r.task == "musique")
+    assert train_hash(exp, mus) == train_hash(more_data, mus)
+
+
+@pytest.mark.parametrize(
+    "patch, message",
+    [
+        ("train: {lrr: 1}", r"exp.yaml: train: unknown key 'lrr' \(did you mean 'lr'\?\); valid keys: lora_rank"),
+        ("train: {lr: fast}", r"exp.yaml: train.lr: expected a number, got 'fast'"),
+        ("train: {max_steps: 1.5}", r"train.max_steps: expected an integer"),
+        ("knockout: {enabled: 1}", r"knockout.enabled: expected true or false"),
+        ("modle: {}", r"unknown key 'modle' \(did you mean 'model'\?\)"),
+        ("sweep: {evaluate.batch_size: [1, 2]}", r"sweep key 'evaluate.batch_size'"),
+    ],
+)
+def test_bad_yaml_gives_one_clear_error(tmp_path, patch, message):
+    path = write(tmp_path, YAML + patch + "\n")
+    with pytest.raises(ConfigError, match=message):
+        load_experiment(path)
+
+
+def test_unknown_task_and_variant_list_valid_choices(tmp_path):
+    bad_task = YAML.replace("musique:", "musiq:")
+    with pytest.raises(ConfigError, match=r"tasks.musiq: .*mdqa.*musique.*summhay"):
+        load_experiment(write(tmp_path, bad_task))
+    bad_variant = YAML.replace("[real, hh, base]", "[real, hx]")
+    with pytest.raises(ConfigError, match=r"unknown variant 'hx'; valid: real, .*hh"):
+        load_experiment(write(tmp_path, bad_variant))
+    bad_option = YAML.replace("n_train: 20", "n_train: 20\n    options: {colour: red}")
+    with pytest.raises(ConfigError, match=r"tasks.mdqa.options: unknown option 'colour'; valid: "):
+        load_experiment(write(tmp_path, bad_option))
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="no such experiment file"):
+        load_experiment(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_experiment(write(tmp_path, "a: [1, 2"))
+    with pytest.raises(ConfigError, match="missing required key 'path'"):
+        load_experiment(write(tmp_path, YAML.replace("path: /models/tiny, ", "")))
+
+
+def test_every_shipped_experiment_validates():
+    root = Path(__file__).parents[2] / "experiments"
+    files = sorted(root.rglob("*.yaml"))
+    assert files, "no experiments shipped"
+    for path in files:
+        exp = load_experiment(path)
+        assert expand(exp)

@@ -1,0 +1,41 @@
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from engine.data import build_task_data, dataset_stats, render_stats
+from tasks.example import SCHEMA, from_table
+
+FIXTURES = Path(__file__).parents[1] / "fixtures"
+NQ = Path(__file__).parents[2].parent / "shared/data/nq-open-oracle.jsonl.gz"
+
+
+def test_build_writes_splits_and_stats(tmp_path):
+    from tiny import char_tokenizer
+
+    out = tmp_path / "mdqa" / "real"
+    sources = {"train": str(FIXTURES / "mdqa_sample.jsonl"), "eval": str(FIXTURES / "mdqa_sample.jsonl"),
+               "pool": str(NQ)}
+    stats = build_task_data("mdqa", "real", sources=sources, options={}, tokenizer=char_tokenizer(),
+                            target_tokens=1500, n_train=10, n_eval=5, seed=0, out_dir=out)
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["build.json", "eval.parquet", "stats.json", "train.parquet", "val.parquet"]  # no tmp files
+    counts = {s: pq.read_table(out / f"{s}.parquet").num_rows for s in ("train", "val", "eval")}
+    # the fixture has 4 questions, one unusable; the shared file is split by hash into train / eval
+    assert counts["train"] + counts["val"] + counts["eval"] == 3
+    assert stats == dataset_stats(out) == json.loads((out / "stats.json").read_text())
+    assert sum(stats["dropped"]["train"].values()) + sum(stats["dropped"].get("eval", {}).values()) > 0
+    rows = from_table(pq.read_table(out / "train.parquet", schema=SCHEMA))
+    assert all(r.n_tokens <= 1500 for r in rows)
+    render_stats(stats)
+
+
+def test_val_fraction_and_synthetic(tmp_path):
+    from tiny import char_tokenizer
+
+    stats = build_task_data("musique", "ll", sources={}, options={}, tokenizer=char_tokenizer(), target_tokens=800,
+                            n_train=20, n_eval=5, seed=3, out_dir=tmp_path)
+    assert stats["splits"]["train"]["count"] == 18 and stats["splits"]["val"]["count"] == 2
+    assert "eval" not in stats["splits"]  # only the real variant gets an evaluation split
+    assert sum(stats["splits"]["train"]["needle_depth_deciles"]) == 18 * 3
+    assert 0.98 * 800 <= stats["splits"]["val"]["n_tokens"]["min"] <= stats["splits"]["val"]["n_tokens"]["max"] <= 800

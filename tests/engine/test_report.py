@@ -1,0 +1,221 @@
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from matplotlib import image as mpimg
+from rich.console import Console
+
+from analyses.overlap import KIND_BY_TASK, run_overlap
+from engine.report import compute_findings, print_summary, write_report
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+N_LAYERS, N_HEADS = 4, 8
+HEADS = [(l, h) for l in range(N_LAYERS) for h in range(N_HEADS)]
+F1 = {"real": 0.8, "hh": 0.6, "hl": 0.5, "ll": 0.3, "symbolic": 0.2, "base": 0.1}
+SECTIONS = (
+    "## Table 1: F1 on the real task",
+    "## Head recall and counts (Tables 5-10)",
+    "## Spearman correlation with F1 (Table 4)",
+    "## Cosine similarity across tasks (Table 2)",
+    "## Patching (Tables 3, 11)",
+    "## Knockout (Figure 3)",
+    "## Score heatmaps (Figures 6-9)",
+    "## Similarity vs F1 (Figure 4)",
+    "## Findings",
+)
+
+
+def write(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+def write_eval(run: Path, task: str, variant: str, f1: float, heads: dict, kind: str) -> None:
+    scores = [
+        {"layer": l, "head": h, "kind": kind, "score": heads.get((l, h), 0.0), "n_examples": 4} for l, h in HEADS
+    ]
+    for split in ("own", "real"):
+        write(run / "eval" / task / variant / split / "head_scores.parquet", scores)
+    preds = [
+        {"id": str(i), "prediction": "a", "f1": f1 + d, "em": 0.0, "n_tokens": 2} for i, d in enumerate((-0.05, 0.05))
+    ]
+    write(run / "eval" / task / variant / "real" / "predictions.parquet", preds)
+
+
+def write_knockout(run: Path, task: str, variant: str, unmasked: float, top: dict, random: dict) -> None:
+    rows = [{"k": 0, "selection": "top", "seed": -1, "heads": [], "f1": unmasked, "em": 0.0, "n": 2}]
+    for k, f1 in top.items():
+        rows.append({"k": k, "selection": "top", "seed": -1, "heads": ["0.0"] * k, "f1": f1, "em": 0.0, "n": 2})
+        for seed, rf1 in enumerate(random[k]):
+            rows.append({"k": k, "selection": "random", "seed": seed, "heads": ["1.1"] * k, "f1": rf1, "em": 0, "n": 2})
+    write(run / "knockout" / task / variant / "knockout.parquet", rows)
+
+
+def write_patching(run: Path, task: str, variant: str, none: float, gains: dict) -> None:
+    sizes = {"em": 0.0, "size_inter": 5, "size_compl": 3}
+    rows = [{"set": "none", "n_heads": 0, "seed": -1, "f1": none, "gain": 0.0, **sizes}]
+    for name, seed_gains in gains.items():
+        for seed, g in enumerate(seed_gains):
+            rows.append({"set": name, "n_heads": 3, "seed": seed, "f1": none + g, "gain": g, **sizes})
+    write(run / "patching" / task / variant / "patching.parquet", rows)
+
+
+def make_run(run: Path, knockout: bool = True, patching: bool = True) -> Path:
+    rng = np.random.default_rng(0)
+    real_heads = HEADS[:10]
+    for task in ("mdqa", "summhay"):
+        for variant, f1 in F1.items():
+            # Synthetic models share more of the real model's heads the better they score.
+            n_shared = 10 if variant == "real" else max(1, int(round(10 * f1)))
+            heads = {h: float(rng.uniform(0.05, 1.0)) for h in real_heads[:n_shared] + HEADS[20 : 20 + (10 - n_shared)]}
+            write_eval(run, task, variant, f1 - (0.1 if task == "summhay" else 0.0), heads, KIND_BY_TASK[task])
+    if knockout:
+        write_knockout(run, "mdqa", "real", 0.8, {2: 0.5, 4: 0.2}, {2: [0.78, 0.75, 0.8], 4: [0.7, 0.74, 0.72]})
+    if patching:
+        write_patching(run, "mdqa", "hh", 0.6, {"inter": [0.0], "compl": [0.02], "random": [0.01]})
+        write_patching(run, "mdqa", "ll", 0.3, {"inter": [0.15, 0.2], "compl": [0.05], "random": [0.02, 0.0, 0.01]})
+        write_patching(run, "mdqa", "symbolic", 0.2, {"inter": [0.25], "compl": [0.1], "random": [0.03]})
+    run_overlap(run, ["mdqa", "summhay"], list(F1), KIND_BY_TASK)
+    return run
+
+
+def test_report_renders_every_section_and_valid_figures(tmp_path):
+    run = make_run(tmp_path / "exp")
+    config = {"model": {"name": "tiny-llama", "rope_base": 80000}, "seeds": [0, 1], "tasks": {}}
+    path = write_report(run, config)
+    text = path.read_text()
+    assert "| model.rope_base | 80000 |" in text and "| seeds | 0, 1 |" in text
+    assert path == run / "report" / "report.md"
+    for heading in SECTIONS + ("## Configuration", "### mdqa", "### summhay", "### mdqa / real"):
+        assert heading in text, heading
+    assert "not run" not in text
+    links = re.findall(r"!\[[^\]]*\]\((figures/[^)]+\.png)\)", text)
+    names = ("heatmap_mdqa", "heatmap_summhay", "knockout_mdqa_real", "similarity_mdqa", "similarity_summhay")
+    expected = {f"figures/{n}.png" for n in names}
+    assert set(links) == expected
+    on_disk = {f"figures/{p.name}" for p in (run / "report" / "figures").iterdir()}
+    assert on_disk == expected  # no stray temporary files either
+    for link in links:
+        png = run / "report" / link
+        assert png.read_bytes()[:8] == PNG_SIGNATURE
+        pixels = mpimg.imread(png)
+        assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.shape[1] > 100
+    # Table 1: the mdqa column holds each variant's mean F1 from its predictions.
+    assert "| hh | 0.600 | 0.500 |" in text and "| base | 0.100 | 0.000 |" in text
+    # Patching row of ll: mean over seeds of inter (0.175) and random (0.01).
+    assert "| mdqa | ll | 3 | 0.300 | 0.475 | 0.350 | 0.310 | 0.175 | 0.050 | 0.010 |" in text
+    # Knockout at k=4: random mean and sample std of (0.70, 0.74, 0.72).
+    assert f"| 4 | 0.200 | 0.720 ± {np.std([0.7, 0.74, 0.72], ddof=1):.3f} | 3 |" in text
+    findings = json.loads((run / "report" / "findings.json").read_text())
+    assert [f["status"] for f in findings.values()] == ["reproduced"] * 4
+
+
+def test_absent_stages_render_not_run(tmp_path):
+    run = make_run(tmp_path / "exp", knockout=False, patching=False)
+    text = write_report(run).read_text()
+    for heading in ("## Patching (Tables 3, 11)", "## Knockout (Figure 3)"):
+        section = text.split(heading, 1)[1].split("\n## ", 1)[0]
+        assert section.strip() == "_not run_", section
+    findings = compute_findings(run)
+    assert findings["knockout_top_vs_random"]["status"] == "not run"
+    assert findings["patching_helps_weakest"]["status"] == "not run"
+    assert findings["real_beats_synthetic"]["status"] == "reproduced"
+    assert not list((run / "report" / "figures").glob("knockout_*"))
+
+
+def test_empty_run_renders_all_sections_as_not_run(tmp_path):
+    text = write_report(tmp_path).read_text()
+    for heading in SECTIONS[:-1]:
+        assert text.split(heading, 1)[1].split("\n## ", 1)[0].strip() == "_not run_", heading
+    assert all(f["status"] == "not run" for f in compute_findings(tmp_path).values())
+
+
+@pytest.mark.parametrize("real_f1, expected", [(0.65, "reproduced"), (0.55, "not reproduced")])
+def test_finding_real_beats_best_synthetic(tmp_path, real_f1, expected):
+    for variant, f1 in {"real": real_f1, "hh": 0.6, "ll": 0.2, "real_limited": 0.9, "base": 0.95}.items():
+        write_eval(tmp_path, "musique", variant, f1, {(0, 0): 1.0}, "retrieval")
+    finding = compute_findings(tmp_path)["real_beats_synthetic"]
+    (detail,) = finding["details"]
+    assert finding["status"] == expected
+    assert detail["best_synthetic"] == "hh" and detail["best_synthetic_f1"] == pytest.approx(0.6)
+
+
+@pytest.mark.parametrize(
+    "top_f1, random_f1, expected",
+    [
+        (0.5, [0.7, 0.7, 0.7], "reproduced"),  # drop 0.3 vs 0.1: 3x and >= 0.05
+        (0.7, [0.72, 0.74, 0.76], "not reproduced"),  # drop 0.1 vs 0.06: under 2x
+        (0.77, [0.8, 0.8, 0.8], "not reproduced"),  # drop 0.03 vs 0: below 0.05 absolute
+    ],
+)
+def test_finding_knockout(tmp_path, top_f1, random_f1, expected):
+    # A large drop at a small k must not count: only the largest k with random heads decides
+    # (k = 10 masks every head, leaving none to draw at random).
+    write_knockout(tmp_path, "mdqa", "real", 0.8, {1: 0.1, 8: top_f1, 10: 0.0}, {1: [0.8] * 3, 8: random_f1, 10: []})
+    finding = compute_findings(tmp_path)["knockout_top_vs_random"]
+    (detail,) = finding["details"]
+    assert detail["k"] == 8 and detail["drop_top"] == pytest.approx(0.8 - top_f1)
+    assert detail["drop_random"] == pytest.approx(0.8 - np.mean(random_f1))
+    assert finding["status"] == expected
+
+
+@pytest.mark.parametrize("sign, expected", [(1, "reproduced"), (-1, "not reproduced")])
+def test_finding_recall_correlates_with_f1(tmp_path, sign, expected):
+    real_heads = HEADS[:8]
+    write_eval(tmp_path, "mdqa", "real", 0.9, {h: 1.0 for h in real_heads}, "retrieval")
+    for i, variant in enumerate(("hh", "hl", "lh", "ll", "symbolic")):
+        n_shared = 2 + i if sign > 0 else 6 - i
+        write_eval(tmp_path, "mdqa", variant, 0.1 + 0.1 * i, {h: 1.0 for h in real_heads[:n_shared]}, "retrieval")
+    run_overlap(tmp_path, ["mdqa"], ["real", "hh", "hl", "lh", "ll", "symbolic"], KIND_BY_TASK)
+    finding = compute_findings(tmp_path)["recall_correlates_with_f1"]
+    (detail,) = finding["details"]
+    assert detail["n"] == 5 and detail["rho"] == pytest.approx(sign * 1.0)
+    assert finding["status"] == expected
+
+
+def test_finding_recall_inconclusive_with_two_variants(tmp_path):
+    write_eval(tmp_path, "mdqa", "real", 0.9, {(0, 0): 1.0, (0, 1): 1.0}, "retrieval")
+    write_eval(tmp_path, "mdqa", "hh", 0.5, {(0, 0): 1.0}, "retrieval")
+    write_eval(tmp_path, "mdqa", "ll", 0.2, {(1, 1): 1.0}, "retrieval")
+    run_overlap(tmp_path, ["mdqa"], ["real", "hh", "ll"], KIND_BY_TASK)
+    finding = compute_findings(tmp_path)["recall_correlates_with_f1"]
+    assert finding["status"] == "inconclusive" and finding["details"][0]["n"] == 2
+    assert "inconclusive" in write_report(tmp_path).read_text()
+    # NaN rho and p are written as null: findings.json stays strict JSON.
+    text = (tmp_path / "report" / "findings.json").read_text()
+    stored = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert stored["recall_correlates_with_f1"]["details"][0]["rho"] is None
+
+
+@pytest.mark.parametrize("weak_inter, expected", [(0.1, "reproduced"), (0.01, "not reproduced")])
+def test_finding_patching_helps_weakest(tmp_path, weak_inter, expected):
+    # The strongest variant hurts from patching in both cases; only the weaker half counts.
+    write_patching(tmp_path, "musique", "hh", 0.7, {"inter": [-0.2], "random": [0.0]})
+    write_patching(tmp_path, "musique", "hl", 0.6, {"inter": [-0.1], "random": [0.0]})
+    write_patching(tmp_path, "musique", "ll", 0.2, {"inter": [weak_inter], "random": [0.04, 0.02]})
+    write_patching(tmp_path, "musique", "symbolic", 0.1, {"inter": [0.2], "random": [0.0]})
+    finding = compute_findings(tmp_path)["patching_helps_weakest"]
+    assert sorted(d["variant"] for d in finding["details"]) == ["ll", "symbolic"]
+    ll = next(d for d in finding["details"] if d["variant"] == "ll")
+    assert ll["gain_random"] == pytest.approx(0.03)
+    assert finding["status"] == ("reproduced" if expected == "reproduced" else "partial")
+    assert ll["status"] == expected
+
+
+def test_print_summary_shows_table_and_findings(tmp_path):
+    run = make_run(tmp_path / "exp")  # no report written: findings are computed on the spot
+    console = Console(record=True, width=200)
+    print_summary(run, console)
+    out = console.export_text()
+    assert "Table 1" in out and "symbolic" in out and "0.200" in out
+    assert out.count("reproduced") >= 4
+
+
+def test_malformed_artifact_names_file_and_column(tmp_path):
+    write(tmp_path / "knockout" / "mdqa" / "real" / "knockout.parquet", [{"k": 2, "f1": 0.5}])
+    with pytest.raises(ValueError, match=r"knockout/mdqa/real/knockout.parquet: missing column\(s\) \['selection'\]"):
+        write_report(tmp_path)
