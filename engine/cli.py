@@ -236,13 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     from engine.models import ModelError
     from engine.store import StoreError
 
-    errors: tuple[type[BaseException], ...] = (ConfigError, ModelError, StoreError, FileNotFoundError)
-    try:
-        from tasks.text import DataError  # noqa: F401
+    from tasks.build import DataError
 
-        errors += (DataError,)
-    except ImportError:
-        pass
+    errors = (ConfigError, ModelError, StoreError, DataError, FileNotFoundError)
     try:
         return args.func(args)
     except errors as err:

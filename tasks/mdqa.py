@@ -33,7 +33,7 @@ from tasks import symbols as sym
 from tasks.build import (BuildResult, DataError, count, generate, in_eval_partition, make_example, read_jsonl,
                          resolve_options, same_file, source_path)
 from tasks.example import Example
-from tasks.fitting import Draft, TokenCounter, fit
+from tasks.fitting import Draft, FitRequest, TokenCounter, fit_stream
 from tasks.haystack import Doc, Plain, filler_stream, needle_marks, segments, take_tokens
 from tasks.retrieval import rank_bm25, rank_dense
 from tasks.text import best_f1_em, find_all, first_answer_line, locate_answers, normalize_answer
@@ -41,6 +41,7 @@ from tasks.text import best_f1_em, find_all, first_answer_line, locate_answers, 
 NAME = "mdqa"
 VARIANTS = ("real", "real_limited", "hh", "hl", "lh", "ll", "symbolic")
 MAX_NEW_TOKENS = 32
+HEAD_KIND = "retrieval"  # which head score defines H_X (Eq. 1)
 STOP_STRINGS = ("\n",)
 SOURCES = ("train", "eval", "pool")
 OPTIONS = {
@@ -154,30 +155,34 @@ def build_real(variant, sources, opts, counter, target, n, seed, split) -> Build
     chosen, examples = records[: n + n // 2 + 10], []
     pool_norm = [normalize_answer(t) for _, t in pool]
     ranked = _rank(opts, [r["question"] for r in chosen], pool, k_needed) if pool else [[] for _ in chosen]
-    for rec, ranks in zip(chosen, ranked):
-        if len(examples) >= n:
-            break
-        g = gold_index(rec)
-        if g is None:
-            count(dropped, "no_gold_passage")
-            continue
-        gold = rec["ctxs"][g]
-        answers = [a for a in rec["answers"] if a.strip()]
-        spans = locate_answers(gold["text"], answers)
-        if not answers or not spans:
-            count(dropped, "answer_not_in_gold_passage")
-            continue
-        norm = [normalize_answer(a) for a in answers]
-        distract = [(c["title"], c["text"]) for i, c in enumerate(rec["ctxs"]) if i != g]
-        seen = {gold["text"], *(t for _, t in distract)}
-        for i in ranks:
-            title, text = pool[i]
-            # A pool passage that contains an answer would be a second gold passage.
-            if text not in seen and not any(a and a in pool_norm[i] for a in norm):
-                seen.add(text)
-                distract.append((title, text))
-        needle = Doc(gold["title"], gold["text"], needle_marks(gold["text"], spans))
-        fitted = _fit_docs(counter, needle, [Doc(t, x) for t, x in distract], rec["question"], opts, rng, target)
+
+    def jobs():
+        for rec, ranks in zip(chosen, ranked):
+            g = gold_index(rec)
+            if g is None:
+                count(dropped, "no_gold_passage")
+                continue
+            gold = rec["ctxs"][g]
+            answers = [a for a in rec["answers"] if a.strip()]
+            spans = locate_answers(gold["text"], answers)
+            if not answers or not spans:
+                count(dropped, "answer_not_in_gold_passage")
+                continue
+            norm = [normalize_answer(a) for a in answers]
+            distract = [(c["title"], c["text"]) for i, c in enumerate(rec["ctxs"]) if i != g]
+            seen = {gold["text"], *(t for _, t in distract)}
+            for i in ranks:
+                title, text = pool[i]
+                # A pool passage that contains an answer would be a second gold passage.
+                if text not in seen and not any(a and a in pool_norm[i] for a in norm):
+                    seen.add(text)
+                    distract.append((title, text))
+            needle = Doc(gold["title"], gold["text"], needle_marks(gold["text"], spans))
+            yield _docs_request(needle, [Doc(t, x) for t, x in distract], rec["question"], opts, rng, target), \
+                (rec, answers)
+
+    # Prompts are verified in batches (one parallel tokenizer call each), in record order.
+    for (rec, answers), fitted in fit_stream(counter, jobs(), n):
         if fitted is None:
             count(dropped, "too_long_for_target")
             continue
@@ -200,8 +205,8 @@ def _rank(opts, questions, pool, k) -> list[list[int]]:
     raise DataError(f"mdqa: option retriever must be 'bm25' or 'dense', got {opts['retriever']!r}")
 
 
-def _fit_docs(counter, needle, distractors, question, opts, rng, target, filler_haystack=None):
-    """Fits the needle and the first k distractor documents (or filler units) to `target`."""
+def _docs_request(needle, distractors, question, opts, rng, target, filler_haystack=None) -> FitRequest:
+    """The needle and the first k distractor documents (or filler units), to fit to `target`."""
     slot = gold_slot(opts["gold_position"], rng.random())
     tail = TAIL.format(q=question)
     if filler_haystack is None:
@@ -209,15 +214,14 @@ def _fit_docs(counter, needle, distractors, question, opts, rng, target, filler_
             g = slot(k)
             return Draft(HEAD, segments(distractors[:g] + [needle] + distractors[g:k]), tail)
 
-        return fit(counter, arrange, len(distractors), target, opts["filler"],
-                   unit_texts=[d.text for d in distractors])
+        return FitRequest(arrange, len(distractors), target, opts["filler"], unit_texts=[d.text for d in distractors])
 
     def arrange_filler(k: int) -> Draft:
         g = slot(k)
         items = [Plain(u) for u in filler_haystack[:k]]
         return Draft(HEAD, segments(items[:g] + [needle] + items[g:]), tail, filler_suffix=" ")
 
-    return fit(counter, arrange_filler, len(filler_haystack), target, opts["filler"], unit_texts=filler_haystack)
+    return FitRequest(arrange_filler, len(filler_haystack), target, opts["filler"], unit_texts=filler_haystack)
 
 
 # ---------------------------------------------------------------- synthetic variants
@@ -247,31 +251,36 @@ def build_synthetic(variant, opts, counter, target, n, seed, split, synth) -> Bu
     texts = iter(generate(synth, reqs))
     pool = fiction.paragraph_pool(rng, opts, synth, {p[0] for p in plans}, seed) if diverse else []
     filler_units = take_tokens(counter, filler_stream(opts["filler"]), target) if not diverse else None
-    examples = []
-    for i, (entity, facts, asked) in enumerate(plans):
-        if high_needle:
-            parsed = fiction.parse_paragraph(next(texts))
-            if parsed is None:
-                count(dropped, "unparsable_synthetic_paragraph")
+
+    def jobs():
+        for entity, facts, asked in plans:
+            if high_needle:
+                parsed = fiction.parse_paragraph(next(texts))
+                if parsed is None:
+                    count(dropped, "unparsable_synthetic_paragraph")
+                    continue
+                title, body = parsed
+            else:
+                title, body = entity, " ".join(fiction.fact_sentence(f, opts["symbol_frame"]) for f in facts)
+            spans = _answer_spans(body, asked.value)
+            if not spans:
+                count(dropped, "answer_not_in_needle")
                 continue
-            title, body = parsed
-        else:
-            title, body = entity, " ".join(fiction.fact_sentence(f, opts["symbol_frame"]) for f in facts)
-        spans = _answer_spans(body, asked.value)
-        if not spans:
-            count(dropped, "answer_not_in_needle")
-            continue
-        question = opts["question_frame"].format(r=asked.relation, e=entity)
-        if diverse:
-            needle = Doc(title, body, needle_marks(body, spans))
-            others = [Doc(t, x) for t, x in pool if entity not in x and entity != t]
-            rng.shuffle(others)
-            fitted = _fit_docs(counter, needle, others, question, opts, rng, target)
-        else:
-            text = f"{title}: {body} " if high_needle else body + " "
-            off = len(title) + 2 if high_needle else 0
-            needle = Plain(text, needle_marks(text, [(s + off, e + off) for s, e in spans], off, off + len(body)))
-            fitted = _fit_docs(counter, needle, [], question, opts, rng, target, filler_haystack=filler_units)
+            question = opts["question_frame"].format(r=asked.relation, e=entity)
+            if diverse:
+                needle = Doc(title, body, needle_marks(body, spans))
+                others = [Doc(t, x) for t, x in pool if entity not in x and entity != t]
+                rng.shuffle(others)
+                yield _docs_request(needle, others, question, opts, rng, target), (asked, question)
+            else:
+                text = f"{title}: {body} " if high_needle else body + " "
+                off = len(title) + 2 if high_needle else 0
+                needle = Plain(text, needle_marks(text, [(s + off, e + off) for s, e in spans], off, off + len(body)))
+                yield _docs_request(needle, [], question, opts, rng, target, filler_haystack=filler_units), \
+                    (asked, question)
+
+    examples = []
+    for (asked, question), fitted in fit_stream(counter, jobs()):
         if fitted is None:
             count(dropped, "too_long_for_target")
             continue
@@ -296,33 +305,36 @@ def build_symbolic(opts, counter, target, n, seed, split) -> BuildResult:
             return sym.symbols(rng, k, opts["symbol_alphabet"], opts["symbol_length"])
         raise DataError(f"mdqa: option symbolic_keys must be 'uuid' or 'symbol', got {opts['symbolic_keys']!r}")
 
-    for i in range(n):
-        # Enough pairs for the target, all keys and values distinct.
-        pairs, total = [], 0
-        while total <= target:
-            ks = new_key(128)
-            chunk = [(k, v) for k, v in zip(ks[:64], ks[64:])]
-            pairs.extend(chunk)
-            total += sum(counter.counts([_pair(k, v) for k, v in chunk]))
-        flat = [x for p in pairs for x in p]
-        if len(set(flat)) != len(flat):
-            fresh = new_key(len(flat)) if opts["symbolic_keys"] == "uuid" else \
-                sym.symbols(rng, len(flat), opts["symbol_alphabet"], opts["symbol_length"])
-            pairs = list(zip(fresh[0::2], fresh[1::2]))
-        key, value = pairs[0]
-        line = _pair(key, value)
-        vstart = line.rindex(value)
-        needle = Plain(line, needle_marks(line, [(vstart, vstart + len(value))], 0, len(line) - 2))
-        others = [_pair(k, v) for k, v in pairs[1:]]
-        depth = rng.random()
+    def jobs():
+        for _ in range(n):
+            # Enough pairs for the target, all keys and values distinct.
+            pairs, total = [], 0
+            while total <= target:
+                ks = new_key(128)
+                chunk = [(k, v) for k, v in zip(ks[:64], ks[64:])]
+                pairs.extend(chunk)
+                total += sum(counter.counts([_pair(k, v) for k, v in chunk]))
+            flat = [x for p in pairs for x in p]
+            if len(set(flat)) != len(flat):
+                fresh = new_key(len(flat)) if opts["symbolic_keys"] == "uuid" else \
+                    sym.symbols(rng, len(flat), opts["symbol_alphabet"], opts["symbol_length"])
+                pairs = list(zip(fresh[0::2], fresh[1::2]))
+            key, value = pairs[0]
+            line = _pair(key, value)
+            vstart = line.rindex(value)
+            needle = Plain(line, needle_marks(line, [(vstart, vstart + len(value))], 0, len(line) - 2))
+            others = [_pair(k, v) for k, v in pairs[1:]]
+            depth = rng.random()
 
-        def arrange(k: int, others=others, needle=needle, depth=depth, key=key) -> Draft:
-            g = min(k, int(depth * (k + 1)))
-            items = [Plain(u) for u in others[:k]]
-            return Draft(KV_HEAD, segments(items[:g] + [needle] + items[g:]), KV_TAIL.format(key=key),
-                         filler_suffix="\n")
+            def arrange(k: int, others=others, needle=needle, depth=depth, key=key) -> Draft:
+                g = min(k, int(depth * (k + 1)))
+                items = [Plain(u) for u in others[:k]]
+                return Draft(KV_HEAD, segments(items[:g] + [needle] + items[g:]), KV_TAIL.format(key=key),
+                             filler_suffix="\n")
 
-        fitted = fit(counter, arrange, len(others), target, opts["filler"], unit_texts=others)
+            yield FitRequest(arrange, len(others), target, opts["filler"], unit_texts=others), (key, value)
+
+    for (key, value), fitted in fit_stream(counter, jobs()):
         if fitted is None:
             count(dropped, "too_long_for_target")
             continue

@@ -37,6 +37,7 @@ from tasks.text import best_f1_em, find_all, first_answer_line, locate_answers
 NAME = "musique"
 VARIANTS = ("real", "real_limited", "hh", "hl", "lh", "ll", "symbolic")
 MAX_NEW_TOKENS = 32
+HEAD_KIND = "retrieval"  # which head score defines H_X (Eq. 1)
 STOP_STRINGS = ("\n",)
 SOURCES = ("train", "eval")
 OPTIONS = {

@@ -39,6 +39,7 @@ from tasks.text import citation_f1, first_answer_line, parse_citations, token_f1
 NAME = "summhay"
 VARIANTS = ("real", "real_limited", "hh", "hl", "lh", "ll", "symbolic")
 MAX_NEW_TOKENS = 16
+HEAD_KIND = "insight"  # which head score defines H_X (Eq. 2): the answer ids never occur in the needles
 STOP_STRINGS = ("\n",)
 SOURCES = ("train", "eval")
 N_DOCS = 10

@@ -1,0 +1,173 @@
+"""The pretraining mix of the miniature base model: copying, key lookup and short world QA.
+
+A tiny model learns a positional shortcut whenever it can (DESIGN.md, "Known traps"): with a
+fixed distance between a span and its copy it learns "attend k tokens back" within a hundred
+steps and fails as soon as the distance varies. Every sequence here therefore puts its
+needle at a random depth with a random gap, so only content-based retrieval pays:
+- copy: noise, MARK, span, noise of random length, MARK -> span (Olsson et al. 2022 induction);
+- lookup: "key : value ," pairs in random order, then a key -> its value;
+- QA: the real variants of MDQA, MuSiQue and SummHay built by `tasks/` from the rendered world
+  at the pretraining length, so the base model answers them at its short context and fails
+  beyond (the analog of an instruct model at 8K).
+Loss is on the copies and answers only (labels -100 elsewhere).
+
+Example:
+    >>> qa = encode_qa(tokenizer, sum(task_examples(tokenizer, sources, 256, n=300, seed=0).values(), []))
+    >>> mix = PretrainingMix(tokenizer, qa, context=256, size=32 * 1500, seed=0)
+    >>> item = mix[0]                      # {"input_ids": [...], "labels": [...]}
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+from .world import WORD_PATTERN
+
+COPY_MARK = "Copy"
+LOOKUP_MARK = "Query"
+TASKS = ("mdqa", "musique", "summhay")
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """Token ids the synthetic sequences are drawn from."""
+
+    bos: int
+    eos: int
+    copy_mark: int
+    lookup_mark: int
+    colon: int
+    comma: int
+    words: tuple[int, ...]  # whole-word tokens (no specials, no marks)
+
+
+def token_ids(tokenizer) -> Tokens:
+    vocab = tokenizer.get_vocab()
+    reserved = {COPY_MARK, LOOKUP_MARK, ":", ","} | set(tokenizer.all_special_tokens)
+    words = tuple(sorted(i for w, i in vocab.items() if w not in reserved and not w.startswith("##")))
+    return Tokens(tokenizer.bos_token_id, tokenizer.eos_token_id, vocab[COPY_MARK], vocab[LOOKUP_MARK],
+                  vocab[":"], vocab[","], words)
+
+
+def copy_sequence(rng: random.Random, tokens: Tokens, length: int, span: int,
+                  gap: int | None = None) -> tuple[list[int], int]:
+    """One copy probe of `length` tokens: (ids, index where the copied span starts).
+
+    The span sits at a random depth; `gap` fixes the distance between span and copy (only
+    to build a positional-shortcut model on purpose), otherwise it is whatever the depth
+    leaves.
+    """
+    free = length - 2 * span - 3  # bos + two marks
+    if free < 0:
+        raise ValueError(f"copy probe: span {span} does not fit in {length} tokens")
+    gap = rng.randint(0, free) if gap is None else min(gap, free)
+    words = tokens.words
+    noise = [words[rng.randrange(len(words))] for _ in range(free)]
+    content = [words[rng.randrange(len(words))] for _ in range(span)]
+    before = free - gap
+    ids = [tokens.bos] + noise[:before] + [tokens.copy_mark] + content + noise[before:] + [tokens.copy_mark]
+    return ids + content, len(ids)
+
+
+def lookup_sequence(rng: random.Random, tokens: Tokens, length: int) -> tuple[list[int], int]:
+    """Key-value pairs filling about `length` tokens, then a query key: (ids, answer start)."""
+    words, pairs, used, size = tokens.words, [], set(), 3
+    while size + 8 < length:
+        key = words[rng.randrange(len(words))]
+        if key in used:
+            continue
+        used.add(key)
+        value = [words[rng.randrange(len(words))] for _ in range(rng.randint(1, 3))]
+        pairs.append((key, value))
+        size += len(value) + 3
+    key, value = pairs[rng.randrange(len(pairs))]
+    ids = [tokens.bos]
+    for k, v in pairs:
+        ids += [k, tokens.colon] + v + [tokens.comma]
+    ids += [tokens.lookup_mark, key, tokens.colon]
+    return ids + value + [tokens.eos], len(ids)
+
+
+def task_examples(tokenizer, sources: dict[str, dict[str, str]], context: int, n: int, seed: int,
+                  split: str = "train", variants: tuple[str, ...] = ("real",)) -> dict[str, list[tuple[str, str]]]:
+    """(prompt, target) pairs per task, built by the tasks' own code at the pretraining length.
+
+    The base model then meets exactly the prompt styles of the fine-tuning and evaluation
+    data, only short: `context` minus room for the answer.
+    """
+    from tasks import get_task
+
+    pairs = {}
+    for name in TASKS:
+        examples = []
+        for variant in variants:
+            result = get_task(name).build(variant, sources=sources.get(name, {}), options={}, tokenizer=tokenizer,
+                                          target_tokens=context - 16, n=n, seed=seed, split=split)
+            examples += [(e.prompt, e.target) for e in result.examples]
+        pairs[name] = examples
+    return pairs
+
+
+def prompt_words(tokenizer, sources: dict[str, dict[str, str]], seed: int, n: int = 4, context: int = 512) -> list[str]:
+    """Words the tasks' prompts use in at least two prompts (instructions, template frames,
+    filler), so they become whole tokens; one-off random symbols do not."""
+    texts = task_examples(tokenizer, sources, context, n, seed,
+                          variants=("real", "hh", "hl", "lh", "ll", "symbolic"))
+    seen: dict[str, int] = {}
+    for pairs in texts.values():
+        for prompt, _ in pairs:
+            for word in set(re.findall(WORD_PATTERN, prompt)):
+                seen[word] = seen.get(word, 0) + 1
+    # Mixed letters-and-digits words are the variants' random symbols ("xq7b"), never words.
+    mixed = re.compile(r"(?=.*[A-Za-z])(?=.*\d)")
+    return sorted(w for w, c in seen.items() if c >= 2 and not mixed.match(w))
+
+
+def encode_qa(tokenizer, pairs: list[tuple[str, str]]) -> list[tuple[list[int], int]]:
+    """(ids, answer start) of prompt + target + eos."""
+    encoded = []
+    for prompt, target in pairs:
+        p = tokenizer(prompt)["input_ids"]
+        t = tokenizer(target, add_special_tokens=False)["input_ids"]
+        encoded.append((p + t + [tokenizer.eos_token_id], len(p)))
+    return encoded
+
+
+class PretrainingMix:
+    """A map-style dataset: item i is drawn from a generator seeded by (seed, i).
+
+    Args:
+        tokenizer: the world's tokenizer.
+        qa: encoded QA examples (ids, answer start).
+        context: the pretraining length; every sequence fits in it.
+        size: number of items (steps x batch size).
+        weights: mix of (copy, lookup, qa).
+        fixed_gap: copy distance held fixed (a positional-shortcut model, for tests).
+    """
+
+    def __init__(self, tokenizer, qa: list[tuple[list[int], int]], context: int, size: int, seed: int,
+                 weights: tuple[float, float, float] = (0.4, 0.2, 0.4), fixed_gap: int | None = None,
+                 max_span: int = 32):
+        self.tokens = token_ids(tokenizer)
+        self.qa, self.context, self.size, self.seed = qa, context, size, seed
+        self.weights = weights if qa else (weights[0], weights[1], 0.0)
+        self.fixed_gap, self.max_span = fixed_gap, max_span
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> dict:
+        rng = random.Random(self.seed * 1_000_003 + i)
+        kind = rng.choices(("copy", "lookup", "qa"), weights=self.weights)[0]
+        if kind == "copy":
+            span = rng.randint(4, min(self.max_span, (self.context - 8) // 2))
+            length = rng.randint(2 * span + 8, self.context) if self.fixed_gap is None else self.context
+            ids, start = copy_sequence(rng, self.tokens, length, span, self.fixed_gap)
+        elif kind == "lookup":
+            ids, start = lookup_sequence(rng, self.tokens, rng.randint(self.context // 4, self.context))
+        else:
+            ids, start = self.qa[rng.randrange(len(self.qa))]
+        labels = [-100] * start + ids[start:]
+        return {"input_ids": ids, "labels": labels}

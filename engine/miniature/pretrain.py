@@ -1,0 +1,281 @@
+"""Pretrains the miniature base model once per spec and caches it.
+
+A tiny Llama (GQA, RoPE) trained with the HF Trainer at a short context on the mix of
+`corpus.py`, until it copies and answers by content there; it then fails at several times
+that length, as an 8K instruct model fails at 32K. Measured while planning (2 cores):
+content-based copy heads form by ~800 steps; see DESIGN.md, "Embedded default".
+
+The cache entry is keyed by a hash of the spec and the tokenizer's vocabulary, built in a
+temporary directory and moved into place with one `os.replace`, under a file lock, so
+concurrent demos pretrain once and a crash never leaves a half-written model.
+
+Example:
+    >>> path = ensure_base_model(MiniatureSpec())   # ~/.cache/needlework/miniature/<hash>
+    >>> model = engine.models.load_model(str(path)); tokenizer = engine.models.load_tokenizer(str(path))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checks import format_table, retrieval_accuracy, summary
+from .corpus import PretrainingMix, encode_qa, prompt_words, task_examples
+from .sources import SourceSizes, render_sources, write_atomic
+from .tokenizer import build_tokenizer, vocabulary
+from .world import build_world
+
+FORMAT_VERSION = 1  # bump when the corpus or the model recipe changes what a spec produces
+META = "miniature.json"
+SOURCES = "sources"
+
+
+class MiniatureError(RuntimeError):
+    """The pretrained miniature does not retrieve by content at its own length."""
+
+
+@dataclass(frozen=True)
+class MiniatureSpec:
+    """Everything that determines the miniature base model (the cache key).
+
+    Attributes:
+        seed: world and training seed.
+        n_layers / n_heads / n_kv_heads / hidden / intermediate: Llama dimensions (GQA).
+        context: pretraining length in tokens.
+        rope_base: RoPE base during pretraining.
+        steps / batch_size / lr / warmup_steps: optimization.
+        mix: weights of (copy, lookup, QA) sequences.
+        max_span: longest copied span.
+        qa_per_task: short real-variant examples per task in the QA part of the corpus.
+        min_accuracy: copy accuracy required at `context` (random depths).
+        check_probes: probes per length in the final check.
+        threads: torch threads while pretraining.
+    """
+
+    seed: int = 0
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    hidden: int = 128
+    intermediate: int = 384
+    context: int = 256
+    rope_base: float = 10000.0
+    steps: int = 1500
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup_steps: int = 200
+    mix: tuple[float, float, float] = (0.4, 0.2, 0.4)
+    max_span: int = 32
+    qa_per_task: int = 300
+    min_accuracy: float = 0.9
+    check_probes: int = 64
+    threads: int = 2
+
+    def __post_init__(self):
+        # YAML gives lists; the spec must stay hashable and compare equal either way.
+        object.__setattr__(self, "mix", tuple(float(w) for w in self.mix))
+        if self.n_heads % self.n_kv_heads or self.hidden % self.n_heads:
+            raise ValueError(f"miniature: hidden {self.hidden}, heads {self.n_heads}, kv heads "
+                             f"{self.n_kv_heads} do not divide evenly")
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("NEEDLEWORK_CACHE")
+    return Path(root) / "miniature" if root else Path.home() / ".cache" / "needlework" / "miniature"
+
+
+def spec_hash(spec: MiniatureSpec) -> str:
+    """Hash of the spec, the recipe version, the world's vocabulary and the tasks' code.
+
+    The tasks' code shapes the QA part of the corpus and the prompt words of the tokenizer.
+    """
+    import tasks
+
+    vocab = vocabulary(build_world(spec.seed))
+    task_code = hashlib.sha256()
+    for path in sorted(Path(tasks.__file__).parent.glob("*.py")):
+        task_code.update(path.read_bytes())
+    payload = json.dumps({"spec": dataclasses.asdict(spec), "version": FORMAT_VERSION, "vocab": vocab,
+                          "tasks": task_code.hexdigest()}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def ensure_base_model(spec: MiniatureSpec | None = None, cache_dir: Path | None = None,
+                      progress: bool = True) -> Path:
+    """The cached base model of `spec`, pretrained first if missing.
+
+    Args:
+        spec: the miniature's settings (defaults: the demo's).
+        cache_dir: cache root; default $NEEDLEWORK_CACHE/miniature or ~/.cache/needlework/miniature.
+        progress: show a rich progress bar while pretraining.
+
+    Returns:
+        Directory with model.safetensors, config, tokenizer, `miniature.json` (spec, timings,
+        retrieval table) and `sources/` (the world rendered in the public task formats).
+    """
+    spec = spec or MiniatureSpec()
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    final = cache_dir / spec_hash(spec)
+    if (final / META).exists():
+        return final
+    with open(cache_dir / f".{final.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits here, then finds the entry
+        if (final / META).exists():
+            return final
+        tmp = cache_dir / f".tmp-{final.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            pretrain(spec, tmp, progress=progress)
+            if final.exists():  # an incomplete leftover without META
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def sources_of(model_dir: Path) -> dict[str, dict[str, str]]:
+    """The rendered task sources stored with a miniature base model, as absolute paths."""
+    meta = json.loads((Path(model_dir) / META).read_text())
+    return {task: {k: str(Path(model_dir) / SOURCES / p) for k, p in paths.items()}
+            for task, paths in meta["sources"].items()}
+
+
+def llama_config(spec: MiniatureSpec, tokenizer):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden,
+        intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.n_layers,
+        num_attention_heads=spec.n_heads,
+        num_key_value_heads=spec.n_kv_heads,
+        max_position_embeddings=spec.context * 32,
+        rope_parameters={"rope_type": "default", "rope_theta": float(spec.rope_base)},
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+
+
+def train_model(spec: MiniatureSpec, tokenizer, mix, work_dir: Path, progress: bool = True,
+                callbacks: tuple = ()):
+    """Trains a fresh Llama on `mix` with the HF Trainer; returns the model.
+
+    `callbacks` are extra `TrainerCallback`s (the benchmark checks retrieval while training).
+    """
+    from transformers import DataCollatorForSeq2Seq, LlamaForCausalLM, Trainer, TrainingArguments
+
+    torch.manual_seed(spec.seed)
+    model = LlamaForCausalLM(llama_config(spec, tokenizer))
+    tokenizer.padding_side = "right"  # causal training: pads after the labels, never attended
+    args = TrainingArguments(
+        output_dir=str(work_dir / "trainer"),
+        max_steps=spec.steps,
+        per_device_train_batch_size=spec.batch_size,
+        learning_rate=spec.lr,
+        warmup_steps=spec.warmup_steps,
+        lr_scheduler_type="cosine",
+        weight_decay=0.01,
+        logging_steps=max(1, spec.steps // 20),
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=spec.seed,
+        dataloader_num_workers=0,
+    )
+    callbacks = ([rich_progress(spec.steps)] if progress else []) + list(callbacks)
+    trainer = Trainer(model=model, args=args, train_dataset=mix, callbacks=callbacks,
+                      data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
+    trainer.train()
+    shutil.rmtree(work_dir / "trainer", ignore_errors=True)
+    return model.eval()
+
+
+def rich_progress(total: int):
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from transformers import TrainerCallback
+
+    class RichProgress(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.bar = Progress(TextColumn("pretraining miniature"), BarColumn(), TextColumn("{task.fields[loss]}"),
+                                TimeElapsedColumn(), TimeRemainingColumn())
+            self.task = self.bar.add_task("pretrain", total=total, loss="")
+            self.bar.start()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.bar.update(self.task, completed=state.global_step)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.bar.update(self.task, loss=f"loss {logs['loss']:.3f}")
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.bar.stop()
+
+    return RichProgress()
+
+
+def pretrain(spec: MiniatureSpec, out_dir: Path, progress: bool = True, callbacks: tuple = ()) -> dict:
+    """Renders the world, builds the tokenizer, pretrains and checks; writes all to `out_dir`.
+
+    Raises:
+        MiniatureError: copy accuracy at `spec.context` (random depths) is below
+            `spec.min_accuracy`; head analyses on such a model would mean nothing.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(spec.threads)
+    try:
+        start = time.perf_counter()
+        world = build_world(spec.seed)
+        sources = render_sources(world, out_dir / SOURCES, SourceSizes())
+        # Two passes: the tasks' prompt words join the vocabulary, then the QA is built with it.
+        words = prompt_words(build_tokenizer(world), sources, spec.seed)
+        tokenizer = build_tokenizer(world, out_dir, extra_texts=(" ".join(words),))
+        pairs = task_examples(tokenizer, sources, spec.context, spec.qa_per_task, spec.seed)
+        qa = encode_qa(tokenizer, [p for task in pairs.values() for p in task])
+        mix = PretrainingMix(tokenizer, qa, spec.context, spec.steps * spec.batch_size, spec.seed,
+                             weights=spec.mix, max_span=spec.max_span)
+        prepared = time.perf_counter()
+        model = train_model(spec, tokenizer, mix, out_dir, progress, callbacks)
+        trained = time.perf_counter()
+        rows = retrieval_accuracy(model, tokenizer, [spec.context, 4 * spec.context], n=spec.check_probes,
+                                  seed=spec.seed + 1)
+        checked = time.perf_counter()
+    finally:
+        torch.set_num_threads(threads)
+    accuracy = summary(rows)
+    if accuracy[spec.context] < spec.min_accuracy:
+        raise MiniatureError(
+            f"miniature pretraining ({spec.steps} steps) copies at random depths with accuracy "
+            f"{accuracy[spec.context]:.2f} < {spec.min_accuracy} at its own length {spec.context}; "
+            f"raise `steps`.\n{format_table(rows)}")
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.padding_side = "left"
+    tokenizer.save_pretrained(str(out_dir))
+    meta = {
+        "spec": dataclasses.asdict(spec),
+        "version": FORMAT_VERSION,
+        "qa_examples": len(qa),
+        "seconds": {"prepare": prepared - start, "train": trained - prepared, "check": checked - trained},
+        "retrieval": rows,
+        "sources": {task: {k: str(Path(p).relative_to(out_dir / SOURCES)) for k, p in paths.items()}
+                    for task, paths in sources.items()},
+    }
+    write_atomic(out_dir / META, json.dumps(meta, indent=2))
+    return meta

@@ -1,0 +1,324 @@
+"""The miniature: world determinism, public source formats, tokenizer, cached base model, checks."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import string
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine.miniature import (
+    MiniatureError,
+    MiniatureSpec,
+    SourceSizes,
+    build_tokenizer,
+    build_world,
+    ensure_base_model,
+    render_sources,
+    retrieval_accuracy,
+    sources_of,
+    spec_hash,
+    summary,
+)
+from engine.miniature import pretrain as pretrain_module
+from engine.miniature.corpus import COPY_MARK, PretrainingMix, copy_sequence, token_ids
+from engine.miniature.world import WORD_PATTERN
+
+SMALL = SourceSizes(mdqa_train=30, mdqa_eval=10, mdqa_pool=20, musique_train=20, musique_eval=10,
+                    summhay_train=3, summhay_eval=2)
+TINY = MiniatureSpec(n_layers=1, n_heads=2, n_kv_heads=1, hidden=32, intermediate=64, context=64, steps=3,
+                     batch_size=4, warmup_steps=1, qa_per_task=3, min_accuracy=0.0, check_probes=4, threads=1)
+
+
+@pytest.fixture(scope="module")
+def world():
+    return build_world(seed=0)
+
+
+@pytest.fixture(scope="module")
+def sources(world, tmp_path_factory):
+    return render_sources(world, tmp_path_factory.mktemp("mini_sources"), SMALL)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(world, tmp_path_factory):
+    from engine.models import load_tokenizer
+
+    path = tmp_path_factory.mktemp("mini_tok")
+    build_tokenizer(world, path)
+    return load_tokenizer(str(path))
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------- world and sources
+
+
+def test_world_is_deterministic_per_seed(tmp_path):
+    assert build_world(3) == build_world(3)
+    assert build_world(3).entities != build_world(4).entities
+    a = render_sources(build_world(3), tmp_path / "a", SMALL)
+    b = render_sources(build_world(3), tmp_path / "b", SMALL)
+    for task in a:
+        for key in a[task]:
+            pa, pb = Path(a[task][key]), Path(b[task][key])
+            files_a = sorted(pa.rglob("*")) if pa.is_dir() else [pa]
+            files_b = sorted(pb.rglob("*")) if pb.is_dir() else [pb]
+            assert [f.read_bytes() for f in files_a] == [f.read_bytes() for f in files_b]
+
+
+def test_names_are_unique_and_never_template_words(world):
+    names = [e.name for kind in world.entities for e in world.entities[kind]]
+    assert len(names) == len(set(names))
+    singles = {w for n in names for w in n.split()}
+    assert not singles & {"The", "Grass", "Copy", "Query", "Document"}
+
+
+def test_mdqa_records_follow_lost_in_the_middle(sources):
+    rows = read_jsonl(sources["mdqa"]["train"])
+    assert len(rows) == SMALL.mdqa_train
+    for row in rows:
+        assert set(row) == {"question", "answers", "ctxs"}
+        assert len(row["ctxs"]) == SMALL.mdqa_docs
+        gold = [c for c in row["ctxs"] if c["isgold"]]
+        assert len(gold) == 1
+        assert gold[0]["title"] in row["question"]  # the question is about the gold entity
+        for ctx in row["ctxs"]:
+            assert set(ctx) == {"id", "title", "text", "hasanswer", "isgold"}
+            assert ctx["hasanswer"] == (row["answers"][0] in ctx["text"])
+        assert gold[0]["hasanswer"]
+        # Distractors never talk about the question's subject.
+        assert sum(c["title"] == gold[0]["title"] for c in row["ctxs"]) == 1
+    pool = read_jsonl(sources["mdqa"]["pool"])
+    assert len(pool) == SMALL.mdqa_pool and all({"title", "text"} <= set(p) for p in pool)
+
+
+def test_answers_are_only_knowable_from_context(sources):
+    """Facts are drawn per record: the same question gets different answers, and the pool
+    and the two splits never share a question subject."""
+    train, evals = read_jsonl(sources["mdqa"]["train"]), read_jsonl(sources["mdqa"]["eval"])
+    subjects = lambda rows: {c["title"] for r in rows for c in r["ctxs"] if c["isgold"]}
+    assert not subjects(train) & subjects(evals)
+    assert not (subjects(train) | subjects(evals)) & {p["title"] for p in read_jsonl(sources["mdqa"]["pool"])}
+    rng = random.Random(0)
+    world = build_world(0)
+    facts = [world.random_fact(rng, "born_in", subject=world.of_kind("person")[0]) for _ in range(20)]
+    assert len({f.object.name for f in facts}) > 5  # the same subject, fresh values every time
+
+
+def test_musique_records_are_linear_three_hop(sources):
+    for row in read_jsonl(sources["musique"]["eval"]):
+        assert set(row) == {"id", "paragraphs", "question", "question_decomposition", "answer",
+                            "answer_aliases", "answerable"}
+        assert row["id"].startswith("3hop1__") and row["answerable"]
+        steps = row["question_decomposition"]
+        assert len(steps) == 3 and steps[-1]["answer"] == row["answer"]
+        assert [p["idx"] for p in row["paragraphs"]] == list(range(len(row["paragraphs"])))
+        supporting = {p["idx"] for p in row["paragraphs"] if p["is_supporting"]}
+        assert supporting == {s["paragraph_support_idx"] for s in steps}
+        previous = None
+        for h, step in enumerate(steps):
+            paragraph = row["paragraphs"][step["paragraph_support_idx"]]
+            assert step["answer"] in paragraph["paragraph_text"]
+            if h == 0:
+                assert paragraph["title"] in row["question"]
+            else:
+                assert f"#{h}" in step["question"] and paragraph["title"] == previous
+            previous = step["answer"]
+
+
+def test_summhay_topics_put_each_insight_in_exactly_two_documents(sources):
+    topics = json.loads(Path(sources["summhay"]["train"]).read_text())
+    assert len(topics) == SMALL.summhay_train
+    for topic in topics:
+        assert {"topic_id", "topic", "subtopics", "documents"} <= set(topic)
+        insights = [i for s in topic["subtopics"] for i in s["insights"]]
+        assert all(set(i) == {"insight_id", "insight_name", "insight"} for i in insights)
+        assert len(insights) == SMALL.summhay_insights
+        docs = topic["documents"]
+        assert len(docs) == SMALL.summhay_docs and all(d["insights_included"] for d in docs)
+        for insight in insights:
+            listed = [d for d in docs if insight["insight_id"] in d["insights_included"]]
+            written = [d for d in docs if insight["insight"] in d["document_text"]]
+            assert len(listed) == 2 and listed == written
+
+
+@pytest.mark.parametrize("task", ["mdqa", "musique", "summhay"])
+def test_rendered_sources_load_through_the_task_code(task, sources, tokenizer):
+    """The demo's real data goes through the same loaders as the public datasets, at the
+    short pretraining length and at 4x, and `real_limited` finds its subset."""
+    from tasks import get_task
+
+    module = get_task(task)
+    for variant, target in (("real", 256), ("real", 1024), ("real_limited", 512)):
+        result = module.build(variant, sources=sources[task], options={}, tokenizer=tokenizer,
+                              target_tokens=target, n=4, seed=0, split="eval")
+        assert len(result.examples) == 4, (variant, result.dropped)
+        for example in result.examples:
+            assert example.n_tokens <= target * 1.02
+            assert module.score(example.target, example)["f1"] == 1.0
+            for span in example.answer_spans:  # the answer is read from the context
+                assert span.text(example.prompt).strip() in example.target
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def test_tokenizer_keeps_every_world_word_whole(tokenizer, sources):
+    texts = [c["text"] for r in read_jsonl(sources["mdqa"]["train"])[:10] for c in r["ctxs"]]
+    texts += [r["question"] for r in read_jsonl(sources["musique"]["train"])]
+    texts.append("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.")
+    texts.append("Answer: [3][7] and [10]")
+    for text in texts:
+        assert tokenizer.tokenize(text) == re.findall(WORD_PATTERN, text)
+        ids = tokenizer(text)["input_ids"]
+        assert tokenizer.unk_token_id not in ids and ids[0] == tokenizer.bos_token_id
+        decoded = tokenizer.decode(ids, skip_special_tokens=True)
+        assert re.findall(WORD_PATTERN, decoded) == re.findall(WORD_PATTERN, text)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(alphabet=string.ascii_letters + string.digits + string.punctuation + " ", min_size=1, max_size=40))
+def test_tokenizer_never_emits_unk(text):
+    tok = _shared_tokenizer()
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.unk_token_id not in ids
+    assert "".join(tok.decode(ids).split()) == "".join(text.split())
+
+
+def test_unseen_symbols_fall_back_to_characters(tokenizer):
+    assert tokenizer.tokenize("xq7b") == ["x", "##q", "##7", "##b"]
+    assert tokenizer.convert_tokens_to_string(tokenizer.tokenize("xq7b")) == "xq7b"
+
+
+_TOKENIZER = []
+
+
+def _shared_tokenizer():
+    if not _TOKENIZER:
+        _TOKENIZER.append(build_tokenizer(build_world(0)))
+    return _TOKENIZER[0]
+
+
+# ----------------------------------------------------------------------------- pretraining corpus
+
+
+def test_copy_sequences_put_needles_at_random_depths(tokenizer):
+    tokens = token_ids(tokenizer)
+    rng = random.Random(0)
+    depths = set()
+    for _ in range(50):
+        ids, start = copy_sequence(rng, tokens, 64, 8)
+        first = ids.index(tokens.copy_mark)
+        assert len(ids) == 64 and ids[start - 1] == tokens.copy_mark
+        assert ids[first + 1 : first + 9] == ids[start:]  # the copy repeats the marked span
+        depths.add(first)
+    assert len(depths) > 20
+
+
+def test_pretraining_mix_puts_loss_on_copies_and_answers_only(tokenizer):
+    mix = PretrainingMix(tokenizer, [], context=64, size=40, seed=0)
+    for i in range(40):
+        item = mix[i]
+        assert len(item["input_ids"]) == len(item["labels"]) <= 64
+        scored = [j for j, label in enumerate(item["labels"]) if label != -100]
+        assert scored and scored == list(range(scored[0], len(item["labels"])))
+        assert item == mix[i]  # deterministic per index
+
+
+# ----------------------------------------------------------------------------- retrieval check
+
+
+class CopyModel(torch.nn.Module):
+    """A reference copier: position t predicts token t + 1 by a fixed offset (positional) or
+    by finding the previous copy mark (content)."""
+
+    def __init__(self, vocab: int, mark: int, offset: int | None):
+        super().__init__()
+        self.vocab, self.mark, self.offset = vocab, mark, offset
+
+    def forward(self, input_ids):
+        batch, length = input_ids.shape
+        logits = torch.zeros(batch, length, self.vocab)
+        for b in range(batch):
+            row = input_ids[b].tolist()
+            marks = [i for i, t in enumerate(row) if t == self.mark]
+            for t in range(length):
+                if self.offset is not None:
+                    source = t + 1 - self.offset
+                else:
+                    after = [m for m in marks if m <= t]
+                    source = marks[0] + 1 + (t - after[-1]) if len(after) >= 2 else -1
+                if 0 <= source < length:
+                    logits[b, t, row[source]] = 1.0
+        return type("Out", (), {"logits": logits})()
+
+
+def test_retrieval_check_tells_content_from_position(tokenizer):
+    mark = tokenizer.convert_tokens_to_ids(COPY_MARK)
+    content = CopyModel(len(tokenizer), mark, offset=None)
+    rows = retrieval_accuracy(content, tokenizer, lengths=[48, 96], n=12, seed=0, span=8, batch_size=4)
+    assert summary(rows) == {48: 1.0, 96: 1.0}
+    assert {r["depth"] for r in rows} - {"all"}  # depth bins are reported
+    # "MARK span MARK span" with no gap: a shortcut copying from 9 tokens back is perfect
+    # on fixed-gap data and must fail at random depths.
+    positional = CopyModel(len(tokenizer), mark, offset=9)
+    rng, tokens = random.Random(1), token_ids(tokenizer)
+    fixed = [copy_sequence(rng, tokens, 48, 8, gap=0) for _ in range(8)]
+    from engine.miniature.checks import copy_correct
+
+    assert all(copy_correct(positional, [f[0] for f in fixed], [f[1] for f in fixed]))
+    assert summary(retrieval_accuracy(positional, tokenizer, lengths=[96], n=24, seed=0, span=8))[96] < 0.3
+
+
+# ----------------------------------------------------------------------------- cached base model
+
+
+def test_base_model_cache_is_keyed_and_loadable(tmp_path, monkeypatch):
+    from engine.models import architecture, load_model, load_tokenizer
+
+    calls = []
+    real = pretrain_module.pretrain
+    monkeypatch.setattr(pretrain_module, "pretrain", lambda *a, **k: calls.append(1) or real(*a, **k))
+    path = ensure_base_model(TINY, cache_dir=tmp_path, progress=False)
+    assert ensure_base_model(TINY, cache_dir=tmp_path, progress=False) == path and len(calls) == 1
+    assert MiniatureSpec(mix=[0.4, 0.2, 0.4]) == MiniatureSpec() and spec_hash(TINY) == path.name
+    model, tok = load_model(str(path)), load_tokenizer(str(path))
+    arch = architecture(model)
+    assert (arch.n_layers, arch.n_heads, arch.n_kv_heads) == (1, 2, 1)
+    assert tok.tokenize("xq7b") == ["x", "##q", "##7", "##b"]
+    meta = json.loads((path / "miniature.json").read_text())
+    assert {r["length"] for r in meta["retrieval"]} == {64, 256}
+    assert all(Path(p).exists() for paths in sources_of(path).values() for p in paths.values())
+    # A changed spec is a new entry; the stand-in pretraining only writes the marker file.
+    monkeypatch.setattr(pretrain_module, "pretrain",
+                        lambda spec, out, **k: calls.append(2) or (out.mkdir(parents=True, exist_ok=True),
+                                                                    (out / "miniature.json").write_text("{}")))
+    changed = ensure_base_model(MiniatureSpec(**{**TINY.__dict__, "steps": 4}), cache_dir=tmp_path, progress=False)
+    assert changed != path and calls == [1, 2]
+    assert ensure_base_model(TINY, cache_dir=tmp_path, progress=False) == path and calls == [1, 2]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == sorted([path.name, changed.name])
+
+
+def test_failed_pretraining_leaves_no_cache_entry(tmp_path, monkeypatch):
+    demanding = MiniatureSpec(**{**TINY.__dict__, "min_accuracy": 0.99})
+    with pytest.raises(MiniatureError, match="random depths"):
+        ensure_base_model(demanding, cache_dir=tmp_path, progress=False)
+    assert [p for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
+    monkeypatch.setattr(pretrain_module, "train_model", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        ensure_base_model(TINY, cache_dir=tmp_path, progress=False)
+    assert [p for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_cache_dir_follows_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("NEEDLEWORK_CACHE", str(tmp_path))
+    assert pretrain_module.default_cache_dir() == tmp_path / "miniature"
