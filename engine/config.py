@@ -52,6 +52,7 @@ class TaskConfig:
     sources: dict = field(default_factory=dict)  # source key -> local path
     options: dict = field(default_factory=dict)  # task options, validated by the task
     limited_options: dict = field(default_factory=dict)  # extra options of real_limited
+    variant_options: dict = field(default_factory=dict)  # variant -> options for that variant only
     n_train: int = 400
     n_eval: int = 100
     target_tokens: int = 32000
@@ -238,8 +239,14 @@ def _parse_task(name: str, body: dict, source: str) -> TaskConfig:
             raise ConfigError(
                 f"{source}: tasks.{name}.variants: unknown variant {variant!r}; valid: {', '.join(valid)}"
             )
-    for key in ("options", "limited_options"):
-        unknown = sorted(set(getattr(config, key)) - set(module.OPTIONS))
+    for variant, options in config.variant_options.items():
+        if variant not in module.VARIANTS or not isinstance(options, dict):
+            raise ConfigError(f"{source}: tasks.{name}.variant_options: {variant!r} must be a variant of "
+                              f"{name} ({', '.join(module.VARIANTS)}) mapping to options")
+    option_sets = {"options": config.options, "limited_options": config.limited_options,
+                   **{f"variant_options.{v}": o for v, o in config.variant_options.items()}}
+    for key, options in option_sets.items():
+        unknown = sorted(set(options) - set(module.OPTIONS))
         if unknown:
             raise ConfigError(
                 f"{source}: tasks.{name}.{key}: unknown option {unknown[0]!r}; "
@@ -372,6 +379,12 @@ def expand(experiment: Experiment) -> list[Run]:
     return runs
 
 
+def task_options(task: TaskConfig, variant: str) -> dict:
+    """The options one variant is built with: shared, then real_limited's, then its own."""
+    return {**task.options, **(task.limited_options if variant == "real_limited" else {}),
+            **task.variant_options.get(variant, {})}
+
+
 def train_config(experiment: Experiment, run: Run) -> TrainConfig:
     changes = {key.split(".", 1)[1]: value for key, value in run.overrides}
     return dataclasses.replace(experiment.train, **changes)
@@ -399,10 +412,12 @@ def _jsonable(value: Any) -> Any:
 def data_hash(experiment: Experiment, run: Run) -> str:
     task = experiment.task(run.task)
     variant = "real" if run.variant == "base" else run.variant
-    task_part = dataclasses.replace(task, variants=(), head_kind=None)
+    task_part = dataclasses.replace(task, variants=(), head_kind=None, variant_options={},
+                                    n_eval=task.n_eval if variant == "real" else 0)
     synth = experiment.synth if variant in SYNTHETIC_VARIANTS else None
     # Datasets do not depend on the training seed: every seed of a variant trains on the same data.
-    return content_hash("data", experiment.model.path, experiment.miniature, task_part, variant, synth)
+    return content_hash("data", experiment.model.path, experiment.miniature, task_part, variant, synth,
+                        task.variant_options.get(variant, {}))
 
 
 def train_hash(experiment: Experiment, run: Run) -> str:

@@ -78,7 +78,7 @@ def build_data(experiment: Experiment, store: RunStore, runs: Sequence[Run], bas
         task = experiment.task(task_name)
         if variant in cfg.SYNTHETIC_VARIANTS and synth is None:
             synth = make_synth(experiment, store)
-        options = {**task.options, **(task.limited_options if variant == "real_limited" else {})}
+        options = cfg.task_options(task, variant)
         sources = task.sources or bundled_sources(experiment, base_model).get(task_name, {})
         console.print(f"[bold]data[/] {task_name}/{variant}: {task.n_train} train, target {task.target_tokens} tokens")
         out = data_dir(store, run)

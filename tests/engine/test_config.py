@@ -129,3 +129,16 @@ def test_every_shipped_experiment_validates():
     for path in files:
         exp = load_experiment(path)
         assert expand(exp)
+
+
+def test_variant_options_touch_only_that_variant(tmp_path):
+    path = write(tmp_path, YAML)
+    exp = load_experiment(path)
+    changed = load_experiment(path, overrides=["tasks.mdqa.variant_options.hh.filler=Sky."])
+    for run in expand(exp):
+        same = data_hash(exp, run) == data_hash(changed, run)
+        assert same == ((run.task, run.variant) != ("mdqa", "hh")), run
+    with pytest.raises(ConfigError, match=r"variant_options: 'xx' must be a variant of mdqa"):
+        load_experiment(path, overrides=["tasks.mdqa.variant_options.xx.filler=a"])
+    with pytest.raises(ConfigError, match=r"tasks.mdqa.variant_options.hh: unknown option 'nope'"):
+        load_experiment(path, overrides=["tasks.mdqa.variant_options.hh.nope=1"])
