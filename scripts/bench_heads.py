@@ -1,0 +1,257 @@
+"""Benchmark of inline head scoring: time overhead over plain decoding and memory scaling.
+
+Scoring in `engine.decode.greedy_decode` takes each head's attention argmax inside the
+model's own attention call (O(heads x T) per step), so it should cost almost nothing and
+its memory should grow linearly with the context, unlike an eager `output_attentions=True`
+pass, which holds T x T weights per head and layer.
+
+Measures, on random tiny-ish Llama-architecture models (GQA, CPU, one torch thread):
+- `scored_over_plain`: CPU time of a scored greedy decode / a plain one (same model, batch,
+  SDPA backend, prompts, one thread); goal <= 1.10. Also for the decoding steps alone, and
+  the wall-time ratio.
+- `memory_8k_over_1k`: peak RSS growth of a scored decode at an 8K context / at 1K, each
+  length in a fresh subprocess; goal <= 9 (linear). `eager_memory_8k_over_1k`: the same for
+  one eager `output_attentions=True` forward, for comparison.
+
+Example:
+    $ .venv/bin/python scripts/bench_heads.py --out runs/bench_heads.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+LENGTHS = (1024, 2048, 4096, 8192)
+TIMING_MODEL = dict(num_hidden_layers=4, hidden_size=512, intermediate_size=1024, num_attention_heads=8,
+                    num_key_value_heads=2, head_dim=64)
+MEMORY_MODEL = dict(num_hidden_layers=2, hidden_size=512, intermediate_size=1536, num_attention_heads=2,
+                    num_key_value_heads=1, head_dim=64)
+
+
+def char_tokenizer():
+    """A character-level fast tokenizer over printable ASCII (offsets come for free)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1}
+    vocab.update({chr(c): len(vocab) for c in range(32, 127)})
+    inner = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    inner.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    inner.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=inner, pad_token="<pad>", bos_token="<s>")
+    tok.padding_side = "left"
+    return tok
+
+
+def random_model(shape: dict, attn_implementation: str = "sdpa", seed: int = 0):
+    """A random Llama with no EOS, so every decode runs its full token budget."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=128, max_position_embeddings=16384, bos_token_id=1, eos_token_id=None,
+                         pad_token_id=0, tie_word_embeddings=False, **shape)
+    config._attn_implementation = attn_implementation
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def prompts_and_spans(n: int, length: int, seed: int = 0):
+    """Random printable prompts of exactly `length` characters with an answer and a needle span."""
+    import random
+
+    from engine.decode import ScoreSpans
+
+    rng = random.Random(seed)
+    prompts = ["".join(chr(rng.randrange(33, 127)) for _ in range(length)) for _ in range(n)]
+    middle = length // 2
+    spans = [ScoreSpans(answer_spans=((middle, middle + 8),), needle_spans=((middle - 40, middle + 40),))] * n
+    return prompts, spans
+
+
+def time_decode(context: int, batch: int, new_tokens: int, repeats: int) -> dict:
+    """Plain vs scored greedy decoding: whole call and decoding steps (total minus prefill).
+
+    The ratio uses process CPU time (one torch thread), the best of `repeats`: on a shared
+    machine wall time mostly measures other processes. Wall times are reported alongside.
+    """
+    import torch
+
+    from engine.decode import greedy_decode
+
+    torch.set_num_threads(1)
+    model, tok = random_model(TIMING_MODEL), char_tokenizer()
+    prompts, spans = prompts_and_spans(batch, context)
+
+    def run(scored: bool, budget: int) -> tuple[float, float]:
+        cpu, wall = time.process_time(), time.perf_counter()
+        greedy_decode(model, tok, prompts, max_new_tokens=budget, batch_size=batch,
+                      spans=spans if scored else None)
+        return time.process_time() - cpu, time.perf_counter() - wall
+
+    run(True, 2), run(False, 2)  # warm-up
+    runs = {key: [] for key in ("plain", "scored", "plain_prefill", "scored_prefill")}
+    for _ in range(repeats):  # interleaved, so load from other processes hits both alike
+        runs["plain"].append(run(False, new_tokens))
+        runs["scored"].append(run(True, new_tokens))
+        runs["plain_prefill"].append(run(False, 1))
+        runs["scored_prefill"].append(run(True, 1))
+    cpu = {key: min(c for c, _ in v) for key, v in runs.items()}
+    wall = {key: min(w for _, w in v) for key, v in runs.items()}
+    plain_steps = cpu["plain"] - cpu["plain_prefill"]
+    scored_steps = cpu["scored"] - cpu["scored_prefill"]
+    return {
+        "context": context, "batch": batch, "new_tokens": new_tokens, "repeats": repeats,
+        "cpu_seconds": cpu, "wall_seconds": wall,
+        "scored_over_plain": cpu["scored"] / cpu["plain"],
+        "scored_over_plain_wall": wall["scored"] / wall["plain"],
+        "scored_over_plain_steps": scored_steps / plain_steps,
+        "step_ms_plain": 1000 * plain_steps / (new_tokens - 1),
+        "step_ms_scored": 1000 * scored_steps / (new_tokens - 1),
+    }
+
+
+def memory_status() -> dict[str, float]:
+    """Current and peak resident memory of this process, in MiB (Linux /proc)."""
+    fields = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                fields[key] = int(value.split()[0]) / 1024  # kB
+    return fields
+
+
+def reset_peak() -> float:
+    """Resets the peak-RSS mark to the current RSS (ru_maxrss would include the parent's peak)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return memory_status()["VmRSS"]
+
+
+def memory_child(mode: str, length: int, new_tokens: int) -> dict:
+    """Runs in a fresh process: peak RSS growth of one scored decode or one eager pass."""
+    import torch
+
+    from engine.decode import ScoreSpans, greedy_decode
+
+    torch.set_num_threads(1)
+    tok = char_tokenizer()
+    prompts, spans = prompts_and_spans(1, length)
+    with torch.no_grad():
+        if mode == "scored":
+            model = random_model(MEMORY_MODEL)
+            greedy_decode(model, tok, ["warm up"], max_new_tokens=2, spans=[ScoreSpans((), ())])
+            before = reset_peak()
+            out = greedy_decode(model, tok, prompts, max_new_tokens=new_tokens, spans=spans)
+            assert out[0].retrieval.shape == (MEMORY_MODEL["num_hidden_layers"], MEMORY_MODEL["num_attention_heads"])
+        else:
+            model = random_model(MEMORY_MODEL, attn_implementation="eager")
+            model(torch.tensor([[5] * 8]), output_attentions=True)
+            ids = torch.tensor([tok(prompts[0])["input_ids"]])
+            before = reset_peak()
+            model(ids, output_attentions=True, logits_to_keep=1)
+    peak = memory_status()["VmHWM"]
+    return {"mode": mode, "length": length, "baseline_mb": before, "peak_mb": peak, "growth_mb": peak - before}
+
+
+def measure_memory(mode: str, new_tokens: int) -> list[dict]:
+    rows = []
+    for length in LENGTHS:
+        done = subprocess.run(
+            [sys.executable, __file__, "--child", mode, str(length), str(new_tokens)],
+            capture_output=True, text=True, timeout=600,
+            # a fixed mmap threshold returns freed large tensors to the OS at once, so RSS follows
+            # live tensors instead of glibc's adaptive heap (which made 1K runs vary by 30%)
+            env={**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"},
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"memory run {mode} at {length} failed:\n{done.stderr[-2000:]}")
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return rows
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as tmp:
+        json.dump(payload, tmp, indent=2)
+    os.replace(tmp.name, path)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, help="JSON file to write")
+    parser.add_argument("--context", type=int, default=2048, help="prompt tokens in the timing run")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--child", nargs=3, metavar=("MODE", "LENGTH", "NEW_TOKENS"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(memory_child(args.child[0], int(args.child[1]), int(args.child[2]))))
+        return {}
+    if args.out is None:
+        parser.error("--out is required")
+
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    console = Console()
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("timing plain vs scored decode", total=3)
+        timing = time_decode(args.context, args.batch, args.new_tokens, args.repeats)
+        bar.update(task, advance=1, description="memory: scored decode, 1K..8K")
+        scored = measure_memory("scored", new_tokens=16)
+        bar.update(task, advance=1, description="memory: eager output_attentions, 1K..8K")
+        eager = measure_memory("eager", new_tokens=0)
+        bar.update(task, advance=1)
+
+    def ratio(rows):
+        return rows[-1]["growth_mb"] / rows[0]["growth_mb"]
+
+    result = {
+        "scored_over_plain": timing["scored_over_plain"],
+        "memory_8k_over_1k": ratio(scored),
+        "eager_memory_8k_over_1k": ratio(eager),
+        "timing": {**timing, "model": TIMING_MODEL, "backend": "sdpa", "device": "cpu", "torch_threads": 1},
+        "memory": {"model": MEMORY_MODEL, "scored": scored, "eager": eager,
+                   "method": "peak RSS (VmHWM, reset via /proc/self/clear_refs) minus RSS before the pass, "
+                             "fresh subprocess per length, MALLOC_MMAP_THRESHOLD_=65536"},
+    }
+    write_json(args.out, result)
+
+    table = Table(title="inline head scoring")
+    for column in ("metric", "value", "goal", "detail"):
+        table.add_column(column)
+    t = timing
+    table.add_row("scored / plain decode CPU time", f"{t['scored_over_plain']:.3f}", "<= 1.10",
+                  f"{t['cpu_seconds']['scored']:.2f}s vs {t['cpu_seconds']['plain']:.2f}s; T={t['context']}, "
+                  f"batch {t['batch']}, {t['new_tokens']} tokens")
+    table.add_row("  wall time", f"{t['scored_over_plain_wall']:.3f}", "",
+                  f"{t['wall_seconds']['scored']:.2f}s vs {t['wall_seconds']['plain']:.2f}s (shared machine)")
+    table.add_row("  decoding steps only", f"{t['scored_over_plain_steps']:.3f}", "",
+                  f"{t['step_ms_scored']:.1f} vs {t['step_ms_plain']:.1f} ms/step")
+    table.add_row("scored decode memory 8K / 1K", f"{result['memory_8k_over_1k']:.2f}", "<= 9",
+                  " ".join(f"{r['length'] // 1024}K:{r['growth_mb']:.0f}MB" for r in scored))
+    table.add_row("eager output_attentions 8K / 1K", f"{result['eager_memory_8k_over_1k']:.2f}", "(comparison)",
+                  " ".join(f"{r['length'] // 1024}K:{r['growth_mb']:.0f}MB" for r in eager))
+    console.print(table)
+    console.print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
