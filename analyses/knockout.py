@@ -1,0 +1,223 @@
+"""Head knockout: real-task F1 with the top-k scored heads zeroed vs k random other heads.
+
+Source: Zhao, Yin, Durrett, "Understanding Synthetic Context Extension via Retrieval Heads"
+(ICML 2025), Sec. 4, Figure 3. A model's heads are ranked by their score (retrieval, Eq. 1,
+or insight, Eq. 2) on its own validation data; for each k of a sweep, the k best heads have
+their outputs zeroed (input slice of o_proj, every position, prefill and decode) and the
+model is evaluated on the real task. The control zeroes k heads drawn at random from the
+heads OUTSIDE the top k (unlike Wu et al.'s public code, whose random draw may include them),
+once per seed. All runs go through one actor pool (`engine.evaluate.run_jobs`).
+
+Example:
+    >>> from engine.evaluate import ModelRef, PoolConfig
+    >>> table = run_knockout(
+    ...     model=ModelRef("runs/demo/base", "runs/demo/models/mdqa/real"), task="mdqa",
+    ...     head_scores="runs/demo/eval/mdqa/real/own/head_scores.parquet", kind="retrieval",
+    ...     data_path="runs/demo/data/mdqa/real/eval.parquet", ks=(0, 4, 8), seeds=(0, 1, 2),
+    ...     out_dir="runs/demo/knockout/mdqa/real", pool=PoolConfig())
+    >>> knockout_curve(table).to_pylist()   # k, selection, f1_mean, f1_std, n_runs
+
+Output `knockout.parquet` (layout.md): k, selection ("top" | "random"), seed (-1 for top),
+heads (list of "layer.head"), f1, em, n.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from engine.evaluate import EvalJob, ModelRef, PoolConfig, run_jobs
+from engine.heads import Head
+from engine.store import read_parquet, write_parquet
+
+KNOCKOUT_SCHEMA = pa.schema(
+    [
+        ("k", pa.int64()),
+        ("selection", pa.string()),
+        ("seed", pa.int64()),
+        ("heads", pa.list_(pa.string())),
+        ("f1", pa.float64()),
+        ("em", pa.float64()),
+        ("n", pa.int64()),
+    ]
+)
+
+
+class KnockoutError(ValueError):
+    """A head ranking or sweep the knockout cannot use."""
+
+
+@dataclass(frozen=True)
+class KnockoutRun:
+    """One knocked-out head set and the evaluation job that measures it."""
+
+    k: int
+    selection: str  # "top" | "random"
+    seed: int  # -1 for top
+    heads: tuple[Head, ...]
+    job: EvalJob
+
+
+def head_label(head: Head) -> str:
+    return f"{head[0]}.{head[1]}"
+
+
+def ranked_heads(head_scores: pa.Table, kind: str, source: str = "head_scores") -> list[Head]:
+    """Every head of `kind`, best score first; ties and unscored (NaN) heads by (layer, head).
+
+    Args:
+        head_scores: table with layer, head, kind, score (`engine.heads.score_table`).
+        kind: "retrieval" or "insight".
+        source: file name for error messages.
+    """
+    missing = {"layer", "head", "kind", "score"} - set(head_scores.column_names)
+    if missing:
+        raise KnockoutError(f"{source}: missing column(s) {sorted(missing)}")
+    rows = head_scores.filter(pc.equal(head_scores["kind"], kind)).to_pylist()
+    if not rows:
+        kinds = sorted(set(head_scores["kind"].to_pylist()))
+        raise KnockoutError(f"{source}: no {kind!r} scores (kinds present: {kinds})")
+    heads = {(int(r["layer"]), int(r["head"])): r["score"] for r in rows}
+    if len(heads) != len(rows):
+        raise KnockoutError(f"{source}: a head appears twice for kind {kind!r}")
+
+    def key(head):
+        score = heads[head]
+        counted = score is not None and not np.isnan(score)
+        return (not counted, -score if counted else 0.0, head)
+
+    return sorted(heads, key=key)
+
+
+def random_heads(ranking: Sequence[Head], k: int, seed: int) -> tuple[Head, ...]:
+    """k heads drawn uniformly, without replacement, from outside the top k of `ranking`."""
+    outside = sorted(ranking[k:])
+    if k > len(outside):
+        raise KnockoutError(f"k={k}: only {len(outside)} heads lie outside the top {k} to draw from")
+    rng = np.random.default_rng(seed)
+    picked = rng.choice(len(outside), size=k, replace=False)
+    return tuple(sorted(outside[i] for i in picked))
+
+
+def knockout_jobs(
+    *,
+    model: ModelRef,
+    task: str,
+    head_scores: str,
+    kind: str,
+    data_path: str,
+    ks: Sequence[int],
+    seeds: Sequence[int] = (0, 1, 2),
+    out_dir: str,
+    batch_size: int = 4,
+    max_new_tokens: int | None = None,
+    limit: int | None = None,
+) -> list[KnockoutRun]:
+    """The knockout sweep as evaluation jobs (no head scoring), top and random per k.
+
+    k = 0 is the intact model (one "top" run, no random runs). Jobs write under
+    `<out_dir>/jobs/<name>/`.
+    """
+    ranking = ranked_heads(read_parquet(head_scores), kind, source=head_scores)
+    ks = sorted({int(k) for k in ks})
+    if ks and (ks[0] < 0 or ks[-1] > len(ranking)):
+        raise KnockoutError(f"ks {ks} must lie in [0, {len(ranking)}] (heads in {head_scores})")
+
+    def job(name: str, heads: tuple[Head, ...]) -> EvalJob:
+        return EvalJob(
+            name=f"knockout/{Path(out_dir).name}/{name}",
+            model=model,
+            task=task,
+            data_path=data_path,
+            out_dir=str(Path(out_dir) / "jobs" / name),
+            score_heads=False,
+            knockout=heads or None,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            limit=limit,
+        )
+
+    runs = []
+    for k in ks:
+        top = tuple(sorted(ranking[:k]))
+        runs.append(KnockoutRun(k, "top", -1, top, job(f"k{k}-top", top)))
+        if k == 0:
+            continue
+        for seed in seeds:
+            heads = random_heads(ranking, k, int(seed))
+            runs.append(KnockoutRun(k, "random", int(seed), heads, job(f"k{k}-random-s{seed}", heads)))
+    return runs
+
+
+def run_knockout(
+    *,
+    model: ModelRef,
+    task: str,
+    head_scores: str,
+    kind: str,
+    data_path: str,
+    ks: Sequence[int],
+    seeds: Sequence[int] = (0, 1, 2),
+    out_dir: str,
+    pool: PoolConfig,
+    batch_size: int = 4,
+    max_new_tokens: int | None = None,
+    limit: int | None = None,
+    show_progress: bool = True,
+    scorer=None,
+) -> pa.Table:
+    """Runs the knockout sweep on one actor pool and writes `<out_dir>/knockout.parquet`.
+
+    Args: as `knockout_jobs`, plus `pool` (actor resources), `show_progress` and `scorer`
+    (a task-like object instead of the task registry, see `engine.evaluate.run_jobs`).
+
+    Returns:
+        The knockout table (KNOCKOUT_SCHEMA), one row per run.
+    """
+    runs = knockout_jobs(
+        model=model, task=task, head_scores=head_scores, kind=kind, data_path=data_path, ks=ks, seeds=seeds,
+        out_dir=out_dir, batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit,
+    )
+    summaries = run_jobs([r.job for r in runs], pool, show_progress=show_progress, scorer=scorer)
+    table = pa.Table.from_pylist(
+        [
+            {
+                "k": r.k,
+                "selection": r.selection,
+                "seed": r.seed,
+                "heads": [head_label(h) for h in r.heads],
+                "f1": summaries[r.job.name]["f1"],
+                "em": summaries[r.job.name]["em"],
+                "n": summaries[r.job.name]["n"],
+            }
+            for r in runs
+        ],
+        schema=KNOCKOUT_SCHEMA,
+    )
+    write_parquet(table, Path(out_dir) / "knockout.parquet")
+    return table
+
+
+def knockout_curve(table: pa.Table) -> pa.Table:
+    """Mean and sample standard deviation of F1 per (k, selection), for Figure 3.
+
+    The single "top" run of each k has std 0.
+    """
+    grouped = table.group_by(["k", "selection"]).aggregate(
+        [("f1", "mean"), ("f1", "stddev", pc.VarianceOptions(ddof=1)), ("f1", "count")]
+    )
+    curve = pa.table(
+        {
+            "k": grouped["k"],
+            "selection": grouped["selection"],
+            "f1_mean": grouped["f1_mean"],
+            "f1_std": pc.fill_null(grouped["f1_stddev"], 0.0),
+            "n_runs": grouped["f1_count"],
+        }
+    )
+    return curve.sort_by([("selection", "descending"), ("k", "ascending")])

@@ -1,0 +1,257 @@
+"""Cross-model activation patching of head sets from the real-data model into a synthetic one.
+
+Source: Zhao, Yin, Durrett, "Understanding Synthetic Context Extension via Retrieval Heads"
+(ICML 2025), Sec. 4, Tables 3 and 11. For a model X fine-tuned on synthetic data and the
+model fine-tuned on real data: H = heads with score > 0 on each model's own validation
+data; H_inter = H_real ∩ H_X, H_compl = H_real \\ H_X, n = min(|H_inter|, |H_compl|). Per
+seed, n heads are sampled from H_inter, from H_compl, and from all heads (the random
+control); each set's outputs (o_proj input slices over the prompt) are patched from the
+real-data model into X on the real task's evaluation set, then X decodes greedily without
+patching. The table reports F1 per set and its gain over unpatched X. With n = 0 there is
+nothing to patch: those rows carry a note and no F1.
+
+Example:
+    >>> from engine.evaluate import ModelRef, PoolConfig
+    >>> table = run_patching(
+    ...     target=ModelRef("runs/demo/base", "runs/demo/models/mdqa/hh"),
+    ...     source=ModelRef("runs/demo/base", "runs/demo/models/mdqa/real"), task="mdqa",
+    ...     target_scores="runs/demo/eval/mdqa/hh/own/head_scores.parquet",
+    ...     source_scores="runs/demo/eval/mdqa/real/own/head_scores.parquet", kind="retrieval",
+    ...     data_path="runs/demo/data/mdqa/real/eval.parquet", seeds=(0,),
+    ...     out_dir="runs/demo/patching/mdqa/hh", pool=PoolConfig())
+    >>> table.select(["set", "n_heads", "f1", "gain"]).to_pylist()
+
+Output `patching.parquet` (layout.md): set ("none" | "inter" | "compl" | "random"), n_heads,
+seed, f1, em, gain (f1 - f1 of "none"), size_inter, size_compl; plus heads ("layer.head")
+and note.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from analyses.knockout import head_label
+from engine.evaluate import EvalJob, ModelRef, PoolConfig, read_examples, run_jobs
+from engine.heads import Head
+from engine.store import read_parquet, write_parquet
+
+SETS = ("inter", "compl", "random")
+PATCHING_SCHEMA = pa.schema(
+    [
+        ("set", pa.string()),
+        ("n_heads", pa.int64()),
+        ("seed", pa.int64()),
+        ("f1", pa.float64()),
+        ("em", pa.float64()),
+        ("gain", pa.float64()),
+        ("size_inter", pa.int64()),
+        ("size_compl", pa.int64()),
+        ("heads", pa.list_(pa.string())),
+        ("note", pa.string()),
+    ]
+)
+
+
+class PatchingError(ValueError):
+    """Head scores or models the patching analysis cannot use."""
+
+
+@dataclass(frozen=True)
+class HeadSets:
+    """H_real, H_X and every head of the model."""
+
+    real: frozenset[Head]
+    target: frozenset[Head]
+    all_heads: tuple[Head, ...]
+
+    @property
+    def inter(self) -> tuple[Head, ...]:
+        return tuple(sorted(self.real & self.target))
+
+    @property
+    def compl(self) -> tuple[Head, ...]:
+        return tuple(sorted(self.real - self.target))
+
+    @property
+    def n(self) -> int:
+        return min(len(self.inter), len(self.compl))
+
+
+@dataclass(frozen=True)
+class PatchRun:
+    """One row of the patching table; `job` is None when there is nothing to run (n = 0)."""
+
+    set: str
+    seed: int
+    heads: tuple[Head, ...]
+    job: EvalJob | None
+    note: str = ""
+
+
+def scored_heads(path: str, kind: str) -> tuple[frozenset[Head], tuple[Head, ...]]:
+    """Heads with score > 0 of `kind` in a head_scores.parquet, and every head listed there."""
+    table = read_parquet(path)
+    missing = {"layer", "head", "kind", "score"} - set(table.column_names)
+    if missing:
+        raise PatchingError(f"{path}: missing column(s) {sorted(missing)}")
+    rows = table.filter(pc.equal(table["kind"], kind)).to_pylist()
+    if not rows:
+        raise PatchingError(f"{path}: no {kind!r} scores (kinds present: {sorted(set(table['kind'].to_pylist()))})")
+    every = tuple(sorted((int(r["layer"]), int(r["head"])) for r in rows))
+    positive = frozenset(
+        (int(r["layer"]), int(r["head"])) for r in rows if r["score"] is not None and r["score"] > 0
+    )
+    return positive, every
+
+
+def head_sets(source_scores: str, target_scores: str, kind: str) -> HeadSets:
+    real, every_real = scored_heads(source_scores, kind)
+    target, every_target = scored_heads(target_scores, kind)
+    if every_real != every_target:
+        raise PatchingError(f"{source_scores} and {target_scores} list different heads; models do not match")
+    return HeadSets(real=real, target=target, all_heads=every_real)
+
+
+def sample_heads(pool: Sequence[Head], n: int, seed: int, stream: int) -> tuple[Head, ...]:
+    """n heads drawn without replacement from `pool`; `stream` separates the sets of one seed."""
+    rng = np.random.default_rng([seed, stream])
+    picked = rng.choice(len(pool), size=n, replace=False)
+    return tuple(sorted(pool[i] for i in picked))
+
+
+def patch_runs(
+    sets: HeadSets,
+    *,
+    target: ModelRef,
+    source: ModelRef,
+    task: str,
+    data_path: str,
+    seeds: Sequence[int],
+    out_dir: str,
+    batch_size: int = 4,
+    max_new_tokens: int | None = None,
+    limit: int | None = None,
+    with_unpatched: bool = True,
+) -> list[PatchRun]:
+    """Rows of the patching table and their jobs; equal head sets share one job."""
+
+    def job(name: str, heads: tuple[Head, ...] | None) -> EvalJob:
+        return EvalJob(
+            name=f"patching/{out_dir}/{name}",
+            model=target,
+            task=task,
+            data_path=data_path,
+            out_dir=str(Path(out_dir) / "jobs" / name),
+            # scored like the evaluation stage, so the decode path (and its float rounding)
+            # matches the unpatched predictions reused from there; scoring costs next to nothing
+            score_heads=True,
+            patch_source=source if heads is not None else None,
+            patch_heads=heads,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            limit=limit,
+        )
+
+    runs = [PatchRun("none", -1, (), job("none", None) if with_unpatched else None)]
+    n = sets.n
+    by_heads: dict[tuple[Head, ...], EvalJob] = {}
+    for seed in seeds:
+        for stream, name in enumerate(SETS):
+            if n == 0:
+                empty = "H_inter" if not sets.inter else "H_compl"
+                note = f"n = 0 ({empty} is empty: |H_inter|={len(sets.inter)}, |H_compl|={len(sets.compl)}); not run"
+                runs.append(PatchRun(name, int(seed), (), None, note))
+                continue
+            pool = {"inter": sets.inter, "compl": sets.compl, "random": sets.all_heads}[name]
+            heads = sample_heads(pool, n, int(seed), stream)
+            if heads not in by_heads:
+                by_heads[heads] = job(f"{name}-s{seed}", heads)
+            runs.append(PatchRun(name, int(seed), heads, by_heads[heads]))
+    return runs
+
+
+def unpatched_summary(predictions: str, data_path: str, limit: int | None) -> dict:
+    """F1/EM of an existing unpatched evaluation of X, checked against the evaluation set."""
+    table = read_parquet(predictions)
+    want = [row["id"] for row in read_examples(data_path, limit)]
+    if table["id"].to_pylist() != want:
+        raise PatchingError(f"{predictions}: ids differ from the first {len(want)} examples of {data_path}")
+    return {"f1": float(np.mean(table["f1"].to_numpy())), "em": float(np.mean(table["em"].to_numpy())),
+            "n": table.num_rows}
+
+
+def run_patching(
+    *,
+    target: ModelRef,
+    source: ModelRef,
+    task: str,
+    target_scores: str,
+    source_scores: str,
+    kind: str,
+    data_path: str,
+    out_dir: str,
+    pool: PoolConfig,
+    seeds: Sequence[int] = (0,),
+    unpatched_predictions: str | None = None,
+    batch_size: int = 4,
+    max_new_tokens: int | None = None,
+    limit: int | None = None,
+    show_progress: bool = True,
+    scorer=None,
+) -> pa.Table:
+    """Patches H_inter, H_compl and random head sets from `source` into `target`; writes patching.parquet.
+
+    Args:
+        target: model X (synthetic data), evaluated.
+        source: the real-data model, whose head outputs are patched in.
+        task: task registry name.
+        target_scores: X's head_scores.parquet on its own validation data (H_X).
+        source_scores: the real-data model's head_scores.parquet on its own validation data (H_real).
+        kind: "retrieval" or "insight".
+        data_path: the real task's evaluation set.
+        out_dir: gets patching.parquet and jobs/.
+        pool: actor pool resources.
+        seeds: one sample of each set per seed.
+        unpatched_predictions: X's predictions.parquet on the same set; reused for the "none"
+            row instead of decoding again. None decodes it here.
+        batch_size, max_new_tokens, limit: as `engine.evaluate.EvalJob`.
+        show_progress: rich progress bar.
+        scorer: a task-like object instead of the task registry.
+    """
+    sets = head_sets(source_scores, target_scores, kind)
+    runs = patch_runs(
+        sets, target=target, source=source, task=task, data_path=data_path, seeds=seeds, out_dir=out_dir,
+        batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit,
+        with_unpatched=unpatched_predictions is None,
+    )
+    jobs = list({r.job.name: r.job for r in runs if r.job is not None}.values())
+    summaries = run_jobs(jobs, pool, show_progress=show_progress, scorer=scorer) if jobs else {}
+    none = summaries[runs[0].job.name] if runs[0].job is not None else unpatched_summary(
+        unpatched_predictions, data_path, limit
+    )
+    rows = []
+    for r in runs:
+        result = none if r.set == "none" else (summaries[r.job.name] if r.job is not None else None)
+        rows.append(
+            {
+                "set": r.set,
+                "n_heads": len(r.heads),
+                "seed": r.seed,
+                "f1": None if result is None else result["f1"],
+                "em": None if result is None else result["em"],
+                "gain": None if result is None else result["f1"] - none["f1"],
+                "size_inter": len(sets.inter),
+                "size_compl": len(sets.compl),
+                "heads": [head_label(h) for h in r.heads],
+                "note": r.note,
+            }
+        )
+    table = pa.Table.from_pylist(rows, schema=PATCHING_SCHEMA)
+    write_parquet(table, Path(out_dir) / "patching.parquet")
+    return table
