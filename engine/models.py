@@ -202,7 +202,13 @@ def save_adapter(model, out_dir: str | Path, base_path: str) -> None:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
-    config = model.config
+    write_adapter_meta(model.config, out_dir, base_path)
+
+
+def write_adapter_meta(config, out_dir: str | Path, base_path: str) -> None:
+    """Records the extension settings next to an adapter written by other means (a Trainer,
+    whose `save_model` also gathers DeepSpeed ZeRO-3 shards)."""
+    out_dir = Path(out_dir)
     meta = {
         "base_model": base_path,
         "model_type": config.model_type,

@@ -1,0 +1,413 @@
+"""LoRA context-extension fine-tunes on Ray Train: one TorchTrainer run per variant, all
+variants of an experiment launched together through Ray Tune.
+
+The study (Zhao, Yin, Durrett, ICML 2025) fine-tunes one model per task variant
+(real, synthetic hh/hl/lh/ll/symbolic, ...) with LoRA rank 8 on attention after raising the
+RoPE base. Each variant here is a Ray Train run (`train_variant`); `train_all` starts one
+Tune trial per variant whose function builds and fits that variant's TorchTrainer (Ray's
+pattern for running several trainers at once), as many at a time as the cluster fits.
+
+A run checkpoints the adapter (safetensors) with the optimizer, scheduler and RNG state to
+`storage_path`; a worker that dies restarts from the latest checkpoint, and so does a
+re-run of a run that was interrupted. A finished variant has `out_dir/done.json` (written
+last) and is skipped. `out_dir` holds the adapter, `needlework_model.json` (RoPE base and
+window), `metrics.parquet` (loss, learning rate, tokens/s per step) and `summary.json`.
+
+Example:
+    >>> specs = [TrainSpec(f"mdqa/{v}", "meta-llama/Meta-Llama-3-8B-Instruct",
+    ...                    f"runs/x/data/mdqa/{v}/train.parquet", None, f"runs/x/models/mdqa/{v}",
+    ...                    rope_base=6315088, gpus_per_worker=1) for v in ("real", "hh", "symbolic")]
+    >>> results = train_all(specs)          # three TorchTrainer runs side by side
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ray.tune import Callback
+
+from engine.train_worker import FINAL_MARKER, train_loop_per_worker
+
+DONE_FILE = "done.json"
+# A Tune trial here only waits on its TorchTrainer; reserving a CPU for it would starve the
+# training workers (on 2 cores, tasks wait silently for CPUs that idle drivers hold), and
+# Ray rejects an all-zero request, so it holds a sliver of memory instead.
+TRIAL_RESOURCES = {"memory": 1024 * 1024}
+
+__all__ = ["TrainSpec", "TrainResult", "train_variant", "train_all", "train_loop_per_worker",
+           "concurrent_slots", "publish_variant"]
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """One variant's fine-tune; field names match the experiment YAML's train section."""
+
+    name: str  # "mdqa/hh" (task/variant[@sweep][-s<seed>])
+    base_model: str  # local path or hub id
+    train_path: str  # Parquet (tasks.example SCHEMA: prompt, target, ...)
+    val_path: str | None
+    out_dir: str  # final adapter + metrics + done.json
+    rope_base: float | None = None
+    sliding_window: int | None = None
+    lora_rank: int = 8
+    lora_alpha: int = 8
+    lora_dropout: float = 0.0
+    lora_target: str = "attention"
+    batch_size: int = 1
+    grad_accum: int = 4
+    lr: float = 5e-5
+    epochs: float = 1.0
+    max_steps: int = -1
+    warmup_ratio: float = 0.0
+    max_length: int = 32768
+    seed: int = 0
+    weight_decay: float = 0.0
+    num_workers: int = 1
+    cpus_per_worker: float = 1
+    gpus_per_worker: float = 0
+    deepspeed: dict | None = None
+    storage_path: str | None = None  # local dir or cloud URI; default <out_dir>/checkpoints
+    trust_remote_code: bool = False
+    save_steps: int = 50
+    max_failures: int = 2
+    gradient_checkpointing: bool = False  # needed for 32K contexts on 7-8B models
+
+    def __post_init__(self):
+        if self.num_workers < 1:
+            raise ValueError(f"{self.name}: num_workers must be >= 1, got {self.num_workers}")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError(f"{self.name}: batch_size and grad_accum must be >= 1")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"{self.name}: warmup_ratio must lie in [0, 1), got {self.warmup_ratio}")
+        if self.max_steps <= 0 and self.epochs <= 0:
+            raise ValueError(f"{self.name}: set epochs > 0 or max_steps > 0")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    name: str
+    out_dir: str
+    steps: int
+    final_loss: float
+    seconds: float
+    skipped: bool
+    resumed_from_step: int = 0  # > 0 when this run continued an earlier, interrupted one
+
+
+def run_name(spec: TrainSpec) -> str:
+    """The Ray Train run name: the variant name, safe as one directory name."""
+    return re.sub(r"[^A-Za-z0-9_.@=-]", "_", spec.name.replace("/", "__"))
+
+
+def storage_path(spec: TrainSpec) -> str:
+    if spec.storage_path:
+        return spec.storage_path
+    return str((Path(spec.out_dir) / "checkpoints").resolve())
+
+
+def read_done(out_dir: str | Path) -> dict | None:
+    path = Path(out_dir) / DONE_FILE
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: corrupt ({err}); delete it to retrain") from err
+
+
+def _result_from_done(spec: TrainSpec, done: dict, skipped: bool) -> TrainResult:
+    return TrainResult(
+        name=spec.name,
+        out_dir=spec.out_dir,
+        steps=int(done["steps"]),
+        final_loss=float(done["final_loss"]),
+        seconds=float(done.get("seconds", math.nan)),
+        skipped=skipped,
+        resumed_from_step=int(done.get("resumed_from_step", 0)),
+    )
+
+
+def publish_variant(final_dir: str, out_dir: str, extra: dict | None = None) -> dict:
+    """Copies a run's final files into `out_dir`, each atomically, then writes done.json.
+
+    Returns:
+        The contents of done.json: the run's summary plus `extra`.
+    """
+    final, out = Path(final_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for source in sorted(p for p in final.iterdir() if p.is_file()):
+        tmp = out / f".{source.name}.tmp"
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, out / source.name)
+    done = {**json.loads((final / FINAL_MARKER).read_text()), **(extra or {})}
+    tmp = out / f".{DONE_FILE}.tmp"
+    tmp.write_text(json.dumps(done, indent=2, default=str))
+    os.replace(tmp, out / DONE_FILE)
+    return done
+
+
+def _torch_trainer(spec: TrainSpec, callbacks: Sequence, run_callbacks: Sequence, board=None):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    resources = {"CPU": spec.cpus_per_worker}
+    if spec.gpus_per_worker:
+        resources["GPU"] = spec.gpus_per_worker
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"spec": asdict(spec), "callbacks": list(callbacks), "progress_board": board},
+        scaling_config=ScalingConfig(num_workers=spec.num_workers, use_gpu=spec.gpus_per_worker > 0,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=run_name(spec),
+            storage_path=storage_path(spec),
+            failure_config=FailureConfig(max_failures=spec.max_failures),
+            # The last periodic checkpoint (to resume) and the final one (to publish).
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=list(run_callbacks),
+            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, int(spec.cpus_per_worker))),
+                                             "TOKENIZERS_PARALLELISM": "false"}},
+        ),
+    )
+
+
+def _checkpoint_at(spec: TrainSpec, path: str):
+    """The Ray checkpoint at `path` inside the spec's storage (local or cloud)."""
+    import pyarrow.fs
+    from ray.train import Checkpoint
+
+    storage = storage_path(spec)
+    filesystem = pyarrow.fs.FileSystem.from_uri(storage)[0] if "://" in storage else None
+    return Checkpoint(path, filesystem=filesystem)
+
+
+def _collect(spec: TrainSpec, checkpoint, seconds: float) -> TrainResult:
+    with checkpoint.as_directory() as final_dir:
+        done = publish_variant(final_dir, spec.out_dir, {"seconds": seconds, "spec": asdict(spec)})
+    return _result_from_done(spec, done, skipped=False)
+
+
+def train_variant(spec: TrainSpec, *, callbacks: Sequence = ()) -> TrainResult:
+    """Fine-tunes one variant as one Ray Train TorchTrainer run (skipped if already done).
+
+    Args:
+        spec: the variant.
+        callbacks: extra `transformers.TrainerCallback`s run inside every worker.
+
+    Raises:
+        ray.train.TrainingFailedError: the run failed more than `spec.max_failures` times.
+    """
+    done = read_done(spec.out_dir)
+    if done is not None:
+        return _result_from_done(spec, done, skipped=True)
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+    started = time.perf_counter()
+    result = _torch_trainer(spec, callbacks, ()).fit()
+    return _collect(spec, result.checkpoint, time.perf_counter() - started)
+
+
+def concurrent_slots(specs: Sequence[TrainSpec], resources: dict) -> int:
+    """How many of these runs fit side by side in `resources` (`ray.available_resources()`).
+
+    Sized for the largest run, so any mix of the variants fits.
+    """
+    need: dict[str, float] = {}
+    for spec in specs:
+        per_run = {"CPU": spec.num_workers * spec.cpus_per_worker,
+                   "GPU": spec.num_workers * spec.gpus_per_worker}
+        for key, value in per_run.items():
+            need[key] = max(need.get(key, 0.0), value)
+    fits = [math.floor(resources.get(key, 0.0) / value + 1e-9) for key, value in need.items() if value > 0]
+    slots = min(fits) if fits else len(specs)
+    if slots < 1:
+        raise RuntimeError(f"one run needs {need} but the cluster has only {resources}")
+    return min(slots, max(1, len(specs)))
+
+
+def _variant_trial(config: dict, specs: list[dict], callbacks: Sequence, board) -> None:
+    """A Tune trial: build and fit one variant's TorchTrainer, report its final checkpoint."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    spec = TrainSpec(**specs[config["index"]])
+    started = time.perf_counter()
+    result = _torch_trainer(spec, callbacks, [TuneReportCallback()], board).fit()
+    tune.report({"final_checkpoint": result.checkpoint.path, "seconds": time.perf_counter() - started})
+
+
+def train_all(
+    specs: Sequence[TrainSpec],
+    *,
+    max_concurrent: int | None = None,
+    show_progress: bool = True,
+    callbacks: Sequence = (),
+) -> list[TrainResult]:
+    """Fine-tunes all variants, as many at once as the cluster fits; finished ones are skipped.
+
+    Args:
+        specs: the variants; names and out_dirs must be unique.
+        max_concurrent: runs at a time; default from `ray.available_resources()` and the
+            per-run workers, CPUs and GPUs.
+        show_progress: a rich live view of every running variant's step and loss.
+        callbacks: extra `transformers.TrainerCallback`s run inside every worker.
+
+    Returns:
+        One result per spec, in the order given.
+
+    Raises:
+        RuntimeError: some variants failed (the others are still published).
+    """
+    for key in ("name", "out_dir"):
+        values = [getattr(s, key) for s in specs]
+        duplicates = sorted({v for v in values if values.count(v) > 1})
+        if duplicates:
+            raise ValueError(f"train specs share {key}: {', '.join(map(str, duplicates))}")
+    results: dict[int, TrainResult] = {}
+    todo: list[int] = []
+    for i, spec in enumerate(specs):
+        done = read_done(spec.out_dir)
+        if done is None:
+            todo.append(i)
+        else:
+            results[i] = _result_from_done(spec, done, skipped=True)
+    if todo:
+        results.update(_run_trials([specs[i] for i in todo], todo, max_concurrent, show_progress, callbacks))
+    return [results[i] for i in range(len(specs))]
+
+
+def _run_trials(todo, indices, max_concurrent, show_progress, callbacks) -> dict[int, TrainResult]:
+    import ray
+    from ray import tune
+
+    if not ray.is_initialized():
+        ray.init()
+    slots = max_concurrent or concurrent_slots(todo, ray.available_resources())
+    board = ray.remote(num_cpus=0)(ProgressBoard).remote()
+    trainable = tune.with_resources(
+        tune.with_parameters(_variant_trial, specs=[asdict(s) for s in todo], callbacks=list(callbacks),
+                             board=board),
+        TRIAL_RESOURCES,
+    )
+    progress = TrainProgress([s.name for s in todo], board, enabled=show_progress)
+    tune_dir = tempfile.mkdtemp(prefix="needlework-tune-")  # trial bookkeeping only
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"index": tune.grid_search(list(range(len(todo))))},
+        tune_config=tune.TuneConfig(max_concurrent_trials=slots, num_samples=1),
+        run_config=tune.RunConfig(name="train", storage_path=tune_dir, verbose=0, callbacks=[progress],
+                                  failure_config=tune.FailureConfig(max_failures=0)),
+    )
+    try:
+        with progress:
+            grid = tuner.fit()
+    finally:
+        shutil.rmtree(tune_dir, ignore_errors=True)
+        ray.kill(board)
+    results, failures = {}, []
+    for trial in grid:
+        k = trial.config["index"]
+        spec = todo[k]
+        if trial.error is not None or "final_checkpoint" not in (trial.metrics or {}):
+            failures.append(f"{spec.name}: {trial.error}")
+            continue
+        checkpoint = _checkpoint_at(spec, trial.metrics["final_checkpoint"])
+        results[indices[k]] = _collect(spec, checkpoint, trial.metrics["seconds"])
+    if failures:
+        raise RuntimeError("training failed for " + "; ".join(failures))
+    return results
+
+
+
+class ProgressBoard:
+    """The latest step, loss and tokens/s of each running variant (a zero-CPU Ray actor)."""
+
+    def __init__(self):
+        self.latest: dict[str, dict] = {}
+
+    def post(self, name: str, progress: dict) -> None:
+        self.latest[name] = progress
+
+    def read(self) -> dict[str, dict]:
+        return self.latest
+
+
+class TrainProgress(Callback):
+    """A rich live view of all variants, refreshed from the progress board.
+
+    Tune calls `on_step_end` in the driver on every turn of its event loop.
+    """
+
+    def __init__(self, names: Sequence[str], board, enabled: bool = True):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.names, self.board, self.enabled = list(names), board, enabled
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} tok/s"),
+            TextColumn("{task.fields[status]}"), TimeElapsedColumn(), disable=not enabled,
+        )
+        self.tasks = {n: self.progress.add_task(n, total=None, loss="-", speed="-", status="waiting")
+                      for n in self.names}
+        self._pending = None  # an outstanding board.read() call
+
+    def __getstate__(self):
+        # Tune pickles its run config for restoring; a live display cannot travel.
+        return {"names": self.names}
+
+    def __setstate__(self, state):
+        self.__init__(state["names"], None, enabled=False)
+
+    def __enter__(self):
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.refresh(force=True)
+        self.progress.stop()
+
+    def refresh(self, force: bool = False) -> None:
+        """Shows the board's last answer and asks again; never blocks Tune's event loop."""
+        import ray
+
+        if not self.enabled or self.board is None:
+            return
+        if self._pending is None:
+            self._pending = self.board.read.remote()
+        ready, _ = ray.wait([self._pending], timeout=2.0 if force else 0)
+        if not ready:
+            return  # a busy cluster delays the view, never the training
+        try:
+            latest = ray.get(self._pending)
+        except ray.exceptions.RayActorError:
+            latest = {}
+        self._pending = None
+        for name, p in latest.items():
+            self.progress.update(self.tasks[name], completed=p["step"], total=p["max_steps"] or None,
+                                 loss=f"{p['loss']:.4f}", speed=f"{p['tokens_per_second']:.0f}")
+
+    def _task(self, trial):
+        return self.tasks[self.names[trial.config["index"]]]
+
+    def on_step_end(self, iteration, trials, **info):
+        self.refresh()
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.progress.update(self._task(trial), status="running")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.progress.update(self._task(trial), status="[green]done")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.progress.update(self._task(trial), status="[red]failed")

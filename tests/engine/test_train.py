@@ -1,0 +1,286 @@
+"""engine/train.py and engine/train_worker.py on a real local Ray cluster (2 CPUs), tiny models."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from ray import cloudpickle
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from engine.models import load_model, load_trained, load_tokenizer, rope_base_of
+from engine.train import (TrainSpec, concurrent_slots, run_name, storage_path, train_all, train_loop_per_worker,
+                          train_variant)
+from engine.train_worker import IGNORE_INDEX, TrainDataError, load_examples, tokenize_example
+from tasks.example import Example, Span, to_table
+from tiny import char_tokenizer
+
+# Callbacks below travel to Ray workers, which cannot import this test module by name.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+RAY_TIMEOUT = 240  # seconds for one Ray Train run on 2 shared cores
+PROBE_IDS = char_tokenizer()("key abcd value dcba. key abcd? ")["input_ids"]  # workers lack tests/tiny.py
+
+
+def within(seconds: float, fn, *args, **kwargs):
+    """Runs a blocking Ray call, failing the test if it does not return in time."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(fn, *args, **kwargs).result(timeout=seconds)
+
+
+def make_examples(n: int, seed: int = 0) -> list[Example]:
+    rng = random.Random(seed)
+    examples = []
+    for i in range(n):
+        key = "".join(rng.choice("abcdefgh") for _ in range(4))
+        prompt = f"key {key} value {key[::-1]}. key {key}? "
+        examples.append(Example(str(i), "toy", "hh", prompt, key[::-1], (key[::-1],),
+                                Span(0, len(prompt)), (), (), ()))
+    return examples
+
+
+@pytest.fixture(scope="module")
+def train_parquet(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("train_data") / "train.parquet"
+    pq.write_table(to_table(make_examples(16)), path)
+    return str(path)
+
+
+def spec_for(base: str, data: str, out: Path, **changes) -> TrainSpec:
+    fields = dict(name="toy/hh", base_model=base, train_path=data, val_path=None, out_dir=str(out),
+                  max_length=128, grad_accum=1, lr=2e-2, epochs=1, save_steps=100, seed=0)
+    fields.update(changes)
+    return TrainSpec(**fields)
+
+
+def probe_logits(model) -> torch.Tensor:
+    ids = torch.tensor([PROBE_IDS])
+    with torch.no_grad():
+        return model(input_ids=ids).logits[0].float()
+
+
+class Snapshot(TrainerCallback):
+    """Rank 0 saves the model's parameters before and after training and the probe's logits."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.before, self.optimizer = None, None
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.before = {k: v.detach().clone() for k, v in model.named_parameters()}
+        self.optimizer = type(getattr(optimizer, "optimizer", optimizer)).__name__
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if args.process_index == 0:
+            after = {k: v.detach().clone() for k, v in model.named_parameters()}
+            torch.save({"before": self.before, "after": after, "logits": probe_logits(model),
+                        "optimizer": self.optimizer}, self.path)
+
+
+class KillOnce(TrainerCallback):
+    """Kills its own worker at `step` on the first attempt only (the marker file remembers).
+
+    It first waits until Ray's controller has committed a checkpoint (the run's
+    checkpoint_manager_snapshot.json exists): the controller collects reports on its
+    ~2 s poll, and a report still queued in a dying worker is lost, so without the wait
+    a tiny model's 10 ms steps would die before any checkpoint counts.
+    """
+
+    def __init__(self, step: int, marker: str, committed: str):
+        self.step, self.marker, self.committed = step, marker, committed
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step and not os.path.exists(self.marker):
+            deadline = time.time() + 60
+            while not os.path.exists(self.committed) and time.time() < deadline:
+                time.sleep(0.2)
+            Path(self.marker).write_text(str(os.getpid()))
+            os._exit(1)
+
+
+def committed(spec: TrainSpec) -> str:
+    return str(Path(storage_path(spec)) / run_name(spec) / "checkpoint_manager_snapshot.json")
+
+
+class WaitForPeers(TrainerCallback):
+    """At step 1, waits until `n` runs have reached step 1: only concurrent runs get past it."""
+
+    def __init__(self, directory: str, n: int, timeout: float = 150):
+        self.directory, self.n, self.timeout = directory, n, timeout
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step != 1:
+            return
+        Path(self.directory, f"{os.getpid()}").touch()
+        deadline = time.time() + self.timeout
+        while len(os.listdir(self.directory)) < self.n:
+            if time.time() > deadline:
+                raise TimeoutError(f"only {len(os.listdir(self.directory))} of {self.n} runs started")
+            time.sleep(0.2)
+
+
+def losses(out_dir) -> list[float]:
+    return pq.read_table(Path(out_dir) / "metrics.parquet").column("loss").to_pylist()
+
+
+# --- data preparation (no Ray) -------------------------------------------------------------
+
+
+def test_tokenize_masks_prompt_and_appends_eos(tiny_checkpoints):
+    tokenizer = load_tokenizer(tiny_checkpoints["llama"])
+    row = tokenize_example(tokenizer, "key ab? ", "ba", max_length=64)
+    # A char tokenizer maps the joined text one char to one id: an independent reference.
+    joined = tokenizer("key ab? ba", add_special_tokens=False)["input_ids"]
+    assert row["input_ids"] == joined + [tokenizer.eos_token_id]
+    assert row["labels"] == [IGNORE_INDEX] * 8 + joined[8:] + [tokenizer.eos_token_id]
+    assert row["attention_mask"] == [1] * 11
+    with pytest.raises(TrainDataError, match="exceed max_length=10"):
+        tokenize_example(tokenizer, "key ab? ", "ba", max_length=10)
+
+
+def test_bad_training_data_names_file_and_row(tiny_checkpoints, tmp_path):
+    import pyarrow as pa
+
+    tokenizer = load_tokenizer(tiny_checkpoints["llama"])
+    path = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"prompt": ["a"], "answer": ["b"]}), path)
+    with pytest.raises(TrainDataError, match=r"bad\.parquet: missing column\(s\) target"):
+        load_examples(str(path), tokenizer, 64)
+    pq.write_table(pa.table({"prompt": ["short", "x" * 100], "target": ["b", "c"]}), path)
+    with pytest.raises(TrainDataError, match=r"bad\.parquet: row 1: 102 tokens"):
+        load_examples(str(path), tokenizer, 64)
+
+
+def test_concurrent_slots_from_cluster_resources(tiny_checkpoints, train_parquet, tmp_path):
+    spec = spec_for("m", train_parquet, tmp_path, num_workers=2, cpus_per_worker=1)
+    assert concurrent_slots([spec] * 5, {"CPU": 8.0}) == 4
+    assert concurrent_slots([spec] * 3, {"CPU": 16.0}) == 3
+    gpu = dataclasses.replace(spec, gpus_per_worker=1, cpus_per_worker=4)
+    assert concurrent_slots([gpu] * 8, {"CPU": 64.0, "GPU": 4.0}) == 2
+    with pytest.raises(RuntimeError, match="cluster has only"):
+        concurrent_slots([spec], {"CPU": 1.0})
+
+
+# --- one worker in-process, no Ray ----------------------------------------------------------
+
+
+def test_plain_function_trains_adapter_with_raised_rope_base(tiny_checkpoints, train_parquet, tmp_path):
+    base = tiny_checkpoints["mistral"]
+    snapshot = Snapshot(str(tmp_path / "snap.pt"))
+    spec = spec_for(base, train_parquet, tmp_path / "out", rope_base=40_000.0, sliding_window=24, epochs=2)
+    train_loop_per_worker({"spec": dataclasses.asdict(spec), "callbacks": [snapshot]})
+
+    meta = json.loads((tmp_path / "out" / "needlework_model.json").read_text())
+    assert meta["rope_base"] == 40_000.0 and meta["sliding_window"] == 24
+    assert json.loads((tmp_path / "out" / "done.json").read_text())["steps"] == 32
+    trained = load_trained(base, tmp_path / "out")
+    assert rope_base_of(trained) == 40_000.0 and trained.config.sliding_window == 24
+    saved = torch.load(tmp_path / "snap.pt")
+    torch.testing.assert_close(probe_logits(trained), saved["logits"], atol=1e-4, rtol=1e-4)
+
+
+# --- Ray Train ------------------------------------------------------------------------------
+
+
+def test_two_worker_run_trains_only_the_adapter(ray_cluster, tiny_checkpoints, train_parquet, tmp_path):
+    base = tiny_checkpoints["llama"]
+    spec = spec_for(base, train_parquet, tmp_path / "out", num_workers=2, epochs=3, save_steps=8)
+    result = within(RAY_TIMEOUT, train_variant, spec, callbacks=[Snapshot(str(tmp_path / "snap.pt"))])
+
+    assert not result.skipped and result.steps == 24  # 16 examples / 2 workers x 3 epochs
+    loss = losses(spec.out_dir)
+    assert len(loss) == 24 and sum(loss[-4:]) / 4 < sum(loss[:4]) / 4 - 0.2
+    snap = torch.load(tmp_path / "snap.pt")
+    lora = [k for k in snap["before"] if "lora_" in k]
+    assert lora and all(not torch.equal(snap["before"][k], snap["after"][k]) for k in lora if "lora_B" in k)
+    for k in snap["before"]:
+        if "lora_" not in k:
+            assert torch.equal(snap["before"][k], snap["after"][k]), k
+    saved = load_file(Path(spec.out_dir) / "adapter_model.safetensors")
+    assert saved and all("lora_" in k for k in saved)
+    # The reloaded adapter reproduces the trained model; the untouched base does not.
+    reloaded = probe_logits(load_trained(base, spec.out_dir))
+    torch.testing.assert_close(reloaded, snap["logits"], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(probe_logits(load_model(base)), snap["logits"], atol=1e-2)
+
+    again = within(60, train_variant, spec)
+    assert again.skipped and again.steps == 24 and again.final_loss == result.final_loss
+
+
+def test_three_variants_run_concurrently(ray_cluster, tiny_checkpoints, train_parquet, tmp_path):
+    peers = tmp_path / "peers"
+    peers.mkdir()
+    specs = [spec_for(tiny_checkpoints[f], train_parquet, tmp_path / f, name=f"toy/{f}", max_steps=4,
+                      cpus_per_worker=0.5, rope_base=20_000.0 * (i + 1))
+             for i, f in enumerate(("llama", "mistral", "qwen2"))]
+    results = within(RAY_TIMEOUT, train_all, specs, show_progress=False,
+                     callbacks=[WaitForPeers(str(peers), n=3)])
+
+    assert [r.name for r in results] == ["toy/llama", "toy/mistral", "toy/qwen2"]
+    for i, (family, r) in enumerate(zip(("llama", "mistral", "qwen2"), results)):
+        assert r.out_dir == str(tmp_path / family) and not r.skipped and r.steps == 4
+        meta = json.loads((tmp_path / family / "needlework_model.json").read_text())
+        assert meta["model_type"] == family and meta["rope_base"] == 20_000.0 * (i + 1)
+        assert (tmp_path / family / "done.json").exists()
+    summaries = [json.loads((tmp_path / f / "summary.json").read_text()) for f in ("llama", "mistral", "qwen2")]
+    assert max(s["started_at"] for s in summaries) < min(s["finished_at"] for s in summaries)
+    assert all(r.skipped for r in within(60, train_all, specs, show_progress=False))
+
+
+def test_killed_worker_resumes_from_checkpoint(ray_cluster, tiny_checkpoints, train_parquet, tmp_path):
+    marker = tmp_path / "killed"
+    spec = spec_for(tiny_checkpoints["qwen2"], train_parquet, tmp_path / "out", save_steps=4, max_failures=1)
+    result = within(RAY_TIMEOUT, train_variant, spec, callbacks=[KillOnce(6, str(marker), committed(spec))])
+
+    assert marker.exists()  # the worker really died once
+    assert result.steps == 16 and result.resumed_from_step == 4
+    steps = pq.read_table(Path(spec.out_dir) / "metrics.parquet").column("step").to_pylist()
+    assert steps == list(range(1, 17))  # the log history survived the restart
+
+
+def test_interrupted_run_continues_on_rerun(ray_cluster, tiny_checkpoints, train_parquet, tmp_path):
+    from ray.train import TrainingFailedError
+
+    marker = tmp_path / "killed"
+    spec = spec_for(tiny_checkpoints["llama"], train_parquet, tmp_path / "out", save_steps=4, max_failures=0)
+    with pytest.raises(TrainingFailedError):
+        within(RAY_TIMEOUT, train_variant, spec, callbacks=[KillOnce(6, str(marker), committed(spec))])
+    assert marker.exists() and not (tmp_path / "out" / "done.json").exists()
+
+    result = within(RAY_TIMEOUT, train_variant, spec)
+    assert result.resumed_from_step == 4 and result.steps == 16 and not result.skipped
+
+
+ZERO2 = {
+    "zero_optimization": {"stage": 2},
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "train_batch_size": "auto",
+    "gradient_clipping": "auto",
+}
+
+
+def test_deepspeed_zero2_on_cpu(ray_cluster, tiny_checkpoints, train_parquet, tmp_path):
+    pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed")
+    base = tiny_checkpoints["llama"]
+    spec = spec_for(base, train_parquet, tmp_path / "out", num_workers=2, deepspeed=ZERO2, epochs=2,
+                    max_failures=0)
+    result = within(RAY_TIMEOUT, train_variant, spec, callbacks=[Snapshot(str(tmp_path / "snap.pt"))])
+
+    assert result.steps == 16
+    loss = losses(spec.out_dir)
+    assert sum(loss[-4:]) / 4 < sum(loss[:4]) / 4
+    snap = torch.load(tmp_path / "snap.pt")
+    assert "DeepSpeed" in snap["optimizer"] or "Zero" in snap["optimizer"], snap["optimizer"]
+    torch.testing.assert_close(probe_logits(load_trained(base, spec.out_dir)), snap["logits"],
+                               atol=1e-4, rtol=1e-4)
