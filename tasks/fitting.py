@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections import deque
@@ -206,7 +207,7 @@ def _largest(ok: Callable[[int], bool], hi: int) -> int:
 
 def _fit_steps(counter: TokenCounter, req: FitRequest, drift: _BoundaryDrift) -> Generator[str, int, Fitted | None]:
     """Fits one request; yields each prompt to count and receives its exact token count."""
-    arrange, target = req.arrange, req.target
+    arrange, target = functools.lru_cache(maxsize=None)(req.arrange), req.target  # probes repeat k
     low = (1 - req.tolerance) * target  # the accepted window is [low, target]
     aim = target * (1 - _AIM * req.tolerance)
     base = estimate(counter, arrange(0))
@@ -256,8 +257,8 @@ def _fit_steps(counter: TokenCounter, req: FitRequest, drift: _BoundaryDrift) ->
         if probe >= _BISECT_AFTER:
             guess = (k_lo + k_hi) // 2
         elif predict is not None:
-            per_unit = extra + (actual - predict(k, extra)) / k if k else extra + drift.value
-            guess = _largest(lambda m: predict(m, per_unit) <= aim, n_max)
+            own = extra + (actual - predict(k, extra)) / k if k else extra + drift.value
+            guess = _largest(lambda m, own=own: predict(m, own) <= aim, n_max)
         else:
             guess = k + round(k * (aim - actual) / max(actual, 1))
         k = min(max(guess, k_lo + 1), k_hi - 1)
@@ -422,5 +423,5 @@ def place(k: int, fraction: float) -> int:
     return min(k, max(0, int(round(fraction * k))))
 
 
-__all__ = ["Draft", "FitRequest", "Fitted", "Segment", "TokenCounter", "fit", "fit_stream", "render", "place",
+__all__ = ["Draft", "FitRequest", "Fitted", "Segment", "TokenCounter", "fit", "fit_stream", "place", "render",
            "within_tolerance"]

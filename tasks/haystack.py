@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import random
 from collections.abc import Iterable, Iterator
@@ -47,13 +48,29 @@ def segments(items: Iterable[Doc | Plain], doc_sep: str = "\n") -> list[Segment]
     for item in items:
         if isinstance(item, Doc):
             n += 1
-            lead = f"(Title: {item.title}) " if item.title else ""
-            out.append(Segment(f"Document [{n}]"))
-            out.append(Segment(lead + item.text + doc_sep,
-                               tuple((s + len(lead), e + len(lead), kind) for kind, s, e in item.marks)))
+            out.append(_number(n))
+            out.append(_body(item, doc_sep))
         else:
-            out.append(Segment(item.text, tuple((s, e, kind) for kind, s, e in item.marks)))
+            out.append(_plain(item))
     return out
+
+
+# Fitting arranges the same items many times per prompt and across prompts (a passage pool
+# shared by examples); building their segments once keeps that cheap.
+@functools.lru_cache(maxsize=4096)
+def _number(n: int) -> Segment:
+    return Segment(f"Document [{n}]")
+
+
+@functools.lru_cache(maxsize=65536)
+def _body(item: Doc, doc_sep: str) -> Segment:
+    lead = f"(Title: {item.title}) " if item.title else ""
+    return Segment(lead + item.text + doc_sep, tuple((s + len(lead), e + len(lead), kind) for kind, s, e in item.marks))
+
+
+@functools.lru_cache(maxsize=65536)
+def _plain(item: Plain) -> Segment:
+    return Segment(item.text, tuple((s, e, kind) for kind, s, e in item.marks))
 
 
 def needle_marks(text: str, answer_spans: Iterable[tuple[int, int]], start: int = 0, end: int | None = None):
@@ -68,10 +85,15 @@ def filler_stream(filler: str) -> Iterator[str]:
     return itertools.cycle(sentences)
 
 
-def take_tokens(counter: TokenCounter, units: Iterator[str], target: int, chunk: int = 64) -> list[str]:
-    """Units from `units` until their cached token counts sum past `target` (or it runs out)."""
+def take_tokens(counter: TokenCounter, units: Iterator[str], target: int, chunk: int = 64,
+                slack: float = 1.5) -> list[str]:
+    """Units from `units` until their cached token counts sum past `slack * target` (or it runs out).
+
+    The slack covers tokens that merge away where units join (a sentence's trailing space
+    and the next word often become one token), so the units still fill the target.
+    """
     out, total = [], 0
-    while total <= target:
+    while total <= slack * target:
         batch = list(itertools.islice(units, chunk))
         if not batch:
             break

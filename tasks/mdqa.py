@@ -154,6 +154,7 @@ def build_real(variant, sources, opts, counter, target, n, seed, split) -> Build
         k_needed = min(len(pool), int(1.5 * target / max(1.0, sum(lens) / len(lens))) + 20)
     chosen, examples = records[: n + n // 2 + 10], []
     pool_norm = [normalize_answer(t) for _, t in pool]
+    pool_docs = [Doc(t, x) for t, x in pool]  # shared by examples, so their segments are built once
     ranked = _rank(opts, [r["question"] for r in chosen], pool, k_needed) if pool else [[] for _ in chosen]
 
     def jobs():
@@ -168,18 +169,17 @@ def build_real(variant, sources, opts, counter, target, n, seed, split) -> Build
             if not answers or not spans:
                 count(dropped, "answer_not_in_gold_passage")
                 continue
-            norm = [normalize_answer(a) for a in answers]
-            distract = [(c["title"], c["text"]) for i, c in enumerate(rec["ctxs"]) if i != g]
-            seen = {gold["text"], *(t for _, t in distract)}
+            norm = [a for a in map(normalize_answer, answers) if a]
+            distract = [Doc(c["title"], c["text"]) for i, c in enumerate(rec["ctxs"]) if i != g]
+            seen = {gold["text"], *(d.text for d in distract)}
             for i in ranks:
-                title, text = pool[i]
+                doc = pool_docs[i]
                 # A pool passage that contains an answer would be a second gold passage.
-                if text not in seen and not any(a and a in pool_norm[i] for a in norm):
-                    seen.add(text)
-                    distract.append((title, text))
+                if doc.text not in seen and not any(a in pool_norm[i] for a in norm):
+                    seen.add(doc.text)
+                    distract.append(doc)
             needle = Doc(gold["title"], gold["text"], needle_marks(gold["text"], spans))
-            yield _docs_request(needle, [Doc(t, x) for t, x in distract], rec["question"], opts, rng, target), \
-                (rec, answers)
+            yield _docs_request(needle, distract, rec["question"], opts, rng, target), (rec, answers)
 
     # Prompts are verified in batches (one parallel tokenizer call each), in record order.
     for (rec, answers), fitted in fit_stream(counter, jobs(), n):

@@ -30,7 +30,7 @@ from tasks import symbols as sym
 from tasks.build import (BuildResult, DataError, count, generate, in_eval_partition, make_example, read_jsonl,
                          request, resolve_options, same_file, source_path)
 from tasks.example import Example
-from tasks.fitting import Draft, TokenCounter, fit
+from tasks.fitting import Draft, FitRequest, TokenCounter, fit_stream
 from tasks.haystack import Doc, Plain, filler_stream, needle_marks, segments, take_tokens
 from tasks.text import best_f1_em, find_all, first_answer_line, locate_answers
 
@@ -114,35 +114,37 @@ def build_real(variant, sources, opts, counter, target, n, seed, split) -> Build
     rng = random.Random(seed)
     rng.shuffle(records)
     filler_units = take_tokens(counter, _filler_paragraphs(opts["filler"]), target)
+
+    def jobs():
+        for rec in records:
+            if not rec.get("answerable", True):
+                count(dropped, "unanswerable")
+                continue
+            if not is_linear_3hop(rec):
+                count(dropped, "not_linear_3hop")
+                continue
+            if variant == "real_limited" and not is_limited(rec, opts):
+                count(dropped, "relation_source_not_limited")
+                continue
+            answers = [rec["answer"], *rec.get("answer_aliases", [])]
+            paragraphs = sorted(rec["paragraphs"], key=lambda p: p["idx"])
+            support = [p for p in paragraphs if p["is_supporting"]]
+            last_idx = rec["question_decomposition"][-1].get("paragraph_support_idx")
+            support.sort(key=lambda p: p["idx"] != last_idx)  # the last hop's paragraph first
+            spans = next(((p, s) for p in support if (s := locate_answers(p["paragraph_text"], answers))), None)
+            if len(support) < 3 or spans is None:
+                count(dropped, "answer_not_in_supporting" if len(support) >= 3 else "missing_supporting")
+                continue
+            answer_par, answer_spans = spans
+            docs = []
+            for p in paragraphs:
+                text = p["paragraph_text"]
+                marks = needle_marks(text, answer_spans if p is answer_par else []) if p["is_supporting"] else ()
+                docs.append((p["is_supporting"], Doc(p["title"], text, marks)))
+            yield _paragraphs_request(docs, filler_units, rec["question"], opts, rng, target), (rec, answers)
+
     examples = []
-    for rec in records:
-        if len(examples) >= n:
-            break
-        if not rec.get("answerable", True):
-            count(dropped, "unanswerable")
-            continue
-        if not is_linear_3hop(rec):
-            count(dropped, "not_linear_3hop")
-            continue
-        if variant == "real_limited" and not is_limited(rec, opts):
-            count(dropped, "relation_source_not_limited")
-            continue
-        answers = [rec["answer"], *rec.get("answer_aliases", [])]
-        paragraphs = sorted(rec["paragraphs"], key=lambda p: p["idx"])
-        support = [p for p in paragraphs if p["is_supporting"]]
-        last_idx = rec["question_decomposition"][-1].get("paragraph_support_idx")
-        support.sort(key=lambda p: p["idx"] != last_idx)  # the last hop's paragraph first
-        spans = next(((p, s) for p in support if (s := locate_answers(p["paragraph_text"], answers))), None)
-        if len(support) < 3 or spans is None:
-            count(dropped, "answer_not_in_supporting" if len(support) >= 3 else "missing_supporting")
-            continue
-        answer_par, answer_spans = spans
-        docs = []
-        for p in paragraphs:
-            text = p["paragraph_text"]
-            marks = needle_marks(text, answer_spans if p is answer_par else []) if p["is_supporting"] else ()
-            docs.append((p["is_supporting"], Doc(p["title"], text, marks)))
-        fitted = _fit_paragraphs(counter, docs, filler_units, rec["question"], opts, rng, target)
+    for (rec, answers), fitted in fit_stream(counter, jobs(), n):
         if fitted is None:
             count(dropped, "too_long_for_target")
             continue
@@ -160,7 +162,7 @@ def _filler_paragraphs(filler: str):
         yield filler.strip() + "\n"
 
 
-def _fit_paragraphs(counter, docs, filler_units, question, opts, rng, target):
+def _paragraphs_request(docs, filler_units, question, opts, rng, target) -> FitRequest:
     """Supporting paragraphs always; other paragraphs, then filler paragraphs, as budget allows."""
     optional = [d for keep, d in docs if not keep]
     where = [rng.random() for _ in filler_units]  # each filler paragraph's relative position
@@ -176,7 +178,7 @@ def _fit_paragraphs(counter, docs, filler_units, question, opts, rng, target):
         return Draft(HEAD, segments(ordered), TAIL.format(q=question))
 
     units = [d.text for d in optional] + list(filler_units)
-    return fit(counter, arrange, len(units), target, opts["filler"], unit_texts=units)
+    return FitRequest(arrange, len(units), target, opts["filler"], unit_texts=units)
 
 
 # ---------------------------------------------------------------- synthetic variants
@@ -209,24 +211,29 @@ def build_synthetic(variant, opts, counter, target, n, seed, split, synth) -> Bu
     pool = fiction.paragraph_pool(rng, opts, synth, {e for p in plans for e in p[0]}, seed) if diverse else []
     filler_units = take_tokens(counter, filler_stream(opts["filler"]), target) if not diverse else []
     examples, dropped = [], Counter()
-    for i, (ents, rels, hops) in enumerate(plans):
-        sentences = texts[3 * i : 3 * i + 3] if high else [fiction.fact_sentence(h, opts["symbol_frame"]) for h in hops]
-        sentences = [" ".join(s.split()) for s in sentences]
-        spans = find_all(sentences[2], ents[3])
-        if not spans or not all(h.entity in s for h, s in zip(hops, sentences)):
-            count(dropped, "answer_not_in_needle")
-            continue
-        question = chain_question(opts, ents[0], rels)
-        if diverse:
-            needles = [Doc(h.entity, s, needle_marks(s, spans if j == 2 else []))
-                       for j, (h, s) in enumerate(zip(hops, sentences))]
-            others = [Doc(t, x) for t, x in pool if not any(e in x or e == t for e in ents)]
-            rng.shuffle(others)
-            fitted = _fit_needles(counter, needles, others, HEAD, TAIL.format(q=question), opts, rng, target, "\n")
-        else:
-            needles = [Plain(s + " ", needle_marks(s, spans if j == 2 else [])) for j, s in enumerate(sentences)]
-            fitted = _fit_needles(counter, needles, [Plain(u) for u in filler_units], HEAD, TAIL.format(q=question),
-                                  opts, rng, target, " ")
+
+    def jobs():
+        for i, (ents, rels, hops) in enumerate(plans):
+            sentences = texts[3 * i : 3 * i + 3] if high else [fiction.fact_sentence(h, opts["symbol_frame"]) for h in hops]
+            sentences = [" ".join(s.split()) for s in sentences]
+            spans = find_all(sentences[2], ents[3])
+            if not spans or not all(h.entity in s for h, s in zip(hops, sentences)):
+                count(dropped, "answer_not_in_needle")
+                continue
+            question = chain_question(opts, ents[0], rels)
+            if diverse:
+                needles = [Doc(h.entity, s, needle_marks(s, spans if j == 2 else []))
+                           for j, (h, s) in enumerate(zip(hops, sentences))]
+                others = [Doc(t, x) for t, x in pool if not any(e in x or e == t for e in ents)]
+                rng.shuffle(others)
+                req = _needles_request(needles, others, HEAD, TAIL.format(q=question), opts, rng, target, "\n")
+            else:
+                needles = [Plain(s + " ", needle_marks(s, spans if j == 2 else [])) for j, s in enumerate(sentences)]
+                req = _needles_request(needles, [Plain(u) for u in filler_units], HEAD, TAIL.format(q=question), opts,
+                                       rng, target, " ")
+            yield req, (ents, question)
+
+    for (ents, question), fitted in fit_stream(counter, jobs()):
         if fitted is None:
             count(dropped, "too_long_for_target")
             continue
@@ -236,7 +243,7 @@ def build_synthetic(variant, opts, counter, target, n, seed, split, synth) -> Bu
     return BuildResult(examples, dict(dropped))
 
 
-def _fit_needles(counter, needles, haystack, head, tail, opts, rng, target, suffix):
+def _needles_request(needles, haystack, head, tail, opts, rng, target, suffix) -> FitRequest:
     """Needles at random relative depths (hops in random order) among the first k haystack items."""
     depths = [rng.random() for _ in needles]
     units = [h.text for h in haystack]
@@ -247,7 +254,7 @@ def _fit_needles(counter, needles, haystack, head, tail, opts, rng, target, suff
             items.insert(int(d * (k + 1)) if k else 0, needle)
         return Draft(head, segments(items), tail, filler_suffix=suffix)
 
-    return fit(counter, arrange, len(haystack), target, opts["filler"], unit_texts=units)
+    return FitRequest(arrange, len(haystack), target, opts["filler"], unit_texts=units)
 
 
 def build_symbolic(opts, counter, target, n, seed, split) -> BuildResult:
@@ -255,39 +262,43 @@ def build_symbolic(opts, counter, target, n, seed, split) -> BuildResult:
     alphabet, length = opts["symbol_alphabet"], opts["symbol_length"]
     size = int(opts["dict_size"])
     examples, dropped = [], Counter()
-    for i in range(n):
-        keys = sym.symbols(rng, int(opts["dict_keys"]), alphabet, length)
-        chain_keys = rng.sample(keys, 3)
-        names = sym.symbols(rng, 4, alphabet, length, exclude=set(keys))  # D, X1, X2, X3
-        used = set(keys) | set(names)
-        lines = []
-        for j in range(3):
-            others = [k for k in keys if k != chain_keys[j]]
-            pairs = [(chain_keys[j], names[j + 1])] + [(k, v) for k, v in zip(
-                rng.sample(others, size - 1), sym.symbols(rng, size - 1, alphabet, length, exclude=used))]
-            used |= {v for _, v in pairs}
-            rng.shuffle(pairs)
-            lines.append((names[j], pairs))
-        needles = []
-        for j, (name, pairs) in enumerate(lines):
-            text = _dict_line(name, pairs)
-            spans = []
-            if j == 2:
-                at = text.index(f'"{chain_keys[2]}": "{names[3]}"') + len(f'"{chain_keys[2]}": "')
-                spans = [(at, at + len(names[3]))]
-            needles.append(Plain(text, needle_marks(text, spans, 0, len(text) - 1)))
-        haystack, total = [], 0
-        while total <= target:
-            chunk = []
-            for _ in range(32):
-                name, *vals = sym.symbols(rng, size + 1, alphabet, length, exclude=used)
-                used |= {name, *vals}
-                chunk.append(Plain(_dict_line(name, list(zip(rng.sample(keys, size), vals)))))
-            haystack.extend(chunk)
-            total += sum(counter.counts([c.text for c in chunk]))
-        question = chain_question(opts, names[0], chain_keys)
-        fitted = _fit_needles(counter, needles, haystack, DICT_HEAD, DICT_TAIL.format(q=question), opts, rng,
-                              target, "\n")
+
+    def jobs():
+        for _ in range(n):
+            keys = sym.symbols(rng, int(opts["dict_keys"]), alphabet, length)
+            chain_keys = rng.sample(keys, 3)
+            names = sym.symbols(rng, 4, alphabet, length, exclude=set(keys))  # D, X1, X2, X3
+            used = set(keys) | set(names)
+            lines = []
+            for j in range(3):
+                others = [k for k in keys if k != chain_keys[j]]
+                pairs = [(chain_keys[j], names[j + 1])] + [(k, v) for k, v in zip(
+                    rng.sample(others, size - 1), sym.symbols(rng, size - 1, alphabet, length, exclude=used))]
+                used |= {v for _, v in pairs}
+                rng.shuffle(pairs)
+                lines.append((names[j], pairs))
+            needles = []
+            for j, (name, pairs) in enumerate(lines):
+                text = _dict_line(name, pairs)
+                spans = []
+                if j == 2:
+                    at = text.index(f'"{chain_keys[2]}": "{names[3]}"') + len(f'"{chain_keys[2]}": "')
+                    spans = [(at, at + len(names[3]))]
+                needles.append(Plain(text, needle_marks(text, spans, 0, len(text) - 1)))
+            haystack, total = [], 0
+            while total <= target:
+                chunk = []
+                for _ in range(32):
+                    name, *vals = sym.symbols(rng, size + 1, alphabet, length, exclude=used)
+                    used |= {name, *vals}
+                    chunk.append(Plain(_dict_line(name, list(zip(rng.sample(keys, size), vals)))))
+                haystack.extend(chunk)
+                total += sum(counter.counts([c.text for c in chunk]))
+            question = chain_question(opts, names[0], chain_keys)
+            yield _needles_request(needles, haystack, DICT_HEAD, DICT_TAIL.format(q=question), opts, rng, target,
+                                   "\n"), (names, question)
+
+    for (names, question), fitted in fit_stream(counter, jobs()):
         if fitted is None:
             count(dropped, "too_long_for_target")
             continue

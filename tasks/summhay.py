@@ -32,7 +32,7 @@ from tasks import symbols as sym
 from tasks.build import (BuildResult, DataError, count, generate, in_eval_partition, make_example, read_json,
                          request, resolve_options, same_file, source_path)
 from tasks.example import Example
-from tasks.fitting import Draft, Segment, TokenCounter, fit
+from tasks.fitting import Draft, FitRequest, Segment, TokenCounter, fit_stream
 from tasks.haystack import filler_stream, take_tokens
 from tasks.text import citation_f1, first_answer_line, parse_citations, token_f1
 
@@ -67,7 +67,7 @@ def score(prediction: str, example: Example) -> dict[str, float]:
 # ---------------------------------------------------------------- documents and fitting
 
 
-def _fit_documents(counter, docs, filler_units, statement, opts, target):
+def _documents_request(docs, filler_units, statement, opts, target) -> FitRequest:
     """Fits ten documents: needles stay; other sentences (round-robin), then filler, as budget allows.
 
     `docs` is a list of (mandatory, optional) per document: mandatory is a list of
@@ -96,7 +96,7 @@ def _fit_documents(counter, docs, filler_units, statement, opts, target):
         # Filler words, if needed, end the last document rather than follow it.
         return Draft(HEAD, segs, TAIL.format(s=statement), slot=len(segs) - 1, filler_suffix=" ")
 
-    return fit(counter, arrange, len(units), target, opts["filler"], unit_texts=units)
+    return FitRequest(arrange, len(units), target, opts["filler"], unit_texts=units)
 
 
 def _mark_headers(fitted, cited: list[int]):
@@ -175,22 +175,26 @@ def build_real(variant, sources, opts, counter, target, n, seed, split) -> Build
     rng.shuffle(candidates)
     filler_units = take_tokens(counter, filler_stream(opts["filler"]), target)
     examples = []
-    for c_i in range(n if candidates else 0):
-        ins, having, others = candidates[c_i % len(candidates)]
-        chosen = rng.sample(having, 2) + rng.sample(others, opts["n_documents"] - 2)
-        rng.shuffle(chosen)
-        docs, cited = [], []
-        for d_i, doc in enumerate(chosen):
-            if any(doc is h for h in having):
-                best, sentences = needle_sentence(doc["document_text"], ins["insight"])
-                text = sentences[best] + " "
-                depth = best / max(1, len(sentences) - 1)
-                docs.append(([(depth, text, ((0, len(text) - 1, "needle"),))],
-                             [s + " " for i, s in enumerate(sentences) if i != best]))
-                cited.append(d_i + 1)
-            else:
-                docs.append(([], [s + " " for s in _SENTENCE.split(doc["document_text"].strip()) if s]))
-        fitted = _fit_documents(counter, docs, filler_units, ins["insight"], opts, target)
+
+    def jobs():
+        for c_i in range(n if candidates else 0):
+            ins, having, others = candidates[c_i % len(candidates)]
+            chosen = rng.sample(having, 2) + rng.sample(others, opts["n_documents"] - 2)
+            rng.shuffle(chosen)
+            docs, cited = [], []
+            for d_i, doc in enumerate(chosen):
+                if any(doc is h for h in having):
+                    best, sentences = needle_sentence(doc["document_text"], ins["insight"])
+                    text = sentences[best] + " "
+                    depth = best / max(1, len(sentences) - 1)
+                    docs.append(([(depth, text, ((0, len(text) - 1, "needle"),))],
+                                 [s + " " for i, s in enumerate(sentences) if i != best]))
+                    cited.append(d_i + 1)
+                else:
+                    docs.append(([], [s + " " for s in _SENTENCE.split(doc["document_text"].strip()) if s]))
+            yield _documents_request(docs, filler_units, ins["insight"], opts, target), (ins, cited)
+
+    for (ins, cited), fitted in fit_stream(counter, jobs()):
         if fitted is None:
             count(dropped, "too_long_for_target")
             continue
@@ -228,21 +232,24 @@ def build_synthetic(variant, opts, counter, target, n, seed, split, synth) -> Bu
     pool = [x + " " for _, x in fiction.paragraph_pool(rng, opts, synth, set(), seed)] if diverse else []
     filler_units = take_tokens(counter, filler_stream(opts["filler"]), target) if not diverse else []
     examples = []
-    for i, (insights, cited) in enumerate(plans):
-        stated = [" ".join(t.split()) + " " for t in texts[2 * i : 2 * i + 2]] if high else [insights[0] + " "] * 2
-        docs, others = [], iter(insights[1:])
-        haystack = list(pool)
-        rng.shuffle(haystack)
-        per_doc = len(haystack) // n_docs
-        for d in range(n_docs):
-            mandatory = [(rng.random(), next(others) + " ", ()) for _ in range(n_other)]
-            if d in cited:
-                text = stated[cited.index(d)]
-                mandatory.append((rng.random(), text, ((0, len(text) - 1, "needle"),)))
-            docs.append((mandatory, haystack[d * per_doc : (d + 1) * per_doc]))
-        fitted = _fit_documents(counter, docs, filler_units, insights[0], opts, target)
+
+    def jobs():
+        for i, (insights, cited) in enumerate(plans):
+            stated = [" ".join(t.split()) + " " for t in texts[2 * i : 2 * i + 2]] if high else [insights[0] + " "] * 2
+            docs, others = [], iter(insights[1:])
+            haystack = list(pool)
+            rng.shuffle(haystack)
+            per_doc = len(haystack) // n_docs
+            for d in range(n_docs):
+                mandatory = [(rng.random(), next(others) + " ", ()) for _ in range(n_other)]
+                if d in cited:
+                    text = stated[cited.index(d)]
+                    mandatory.append((rng.random(), text, ((0, len(text) - 1, "needle"),)))
+                docs.append((mandatory, haystack[d * per_doc : (d + 1) * per_doc]))
+            yield _documents_request(docs, filler_units, insights[0], opts, target), (insights, cited)
+
+    for (insights, cited), fitted in fit_stream(counter, jobs()):
         if fitted is None:
-            count({}, "too_long_for_target")
             continue
         examples.append(_example(fitted, variant, split, len(examples), seed, [c + 1 for c in cited],
                                  {"statement": insights[0]}))
@@ -257,17 +264,22 @@ def build_symbolic(opts, counter, target, n, seed, split) -> BuildResult:
     examples = []
     per_token = max(1, counter.count(" ".join(["abcd,"] * 50)) // 50)
     n_strings = target // per_token + 2 * n_docs
-    for i in range(n):
-        strings = sym.symbols(rng, n_strings + 1, alphabet, length)
-        query, rest = strings[0], [s + ", " for s in strings[1:]]
-        cited = sorted(rng.sample(range(n_docs), 2))
-        per_doc = len(rest) // n_docs
-        docs = []
-        for d in range(n_docs):
-            mandatory = [(rng.random(), query + ", ", ((0, len(query), "needle"),))] if d in cited else []
-            docs.append((mandatory, rest[d * per_doc : (d + 1) * per_doc]))
-        statement = f'the string "{query}"'
-        fitted = _fit_documents(counter, docs, [], statement, {**opts, "filler": " ".join(strings[1:50])}, target)
+
+    def jobs():
+        for _ in range(n):
+            strings = sym.symbols(rng, n_strings + 1, alphabet, length)
+            query, rest = strings[0], [s + ", " for s in strings[1:]]
+            cited = sorted(rng.sample(range(n_docs), 2))
+            per_doc = len(rest) // n_docs
+            docs = []
+            for d in range(n_docs):
+                mandatory = [(rng.random(), query + ", ", ((0, len(query), "needle"),))] if d in cited else []
+                docs.append((mandatory, rest[d * per_doc : (d + 1) * per_doc]))
+            statement = f'the string "{query}"'
+            yield _documents_request(docs, [], statement, {**opts, "filler": " ".join(strings[1:50])}, target), \
+                (query, cited)
+
+    for (query, cited), fitted in fit_stream(counter, jobs()):
         if fitted is None:
             continue
         examples.append(_example(fitted, "symbolic", split, len(examples), seed, [c + 1 for c in cited],
