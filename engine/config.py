@@ -222,6 +222,12 @@ def parse_experiment(raw: dict, source: str = "<experiment>") -> Experiment:
     if experiment.model.path == "miniature" and experiment.miniature is None:
         experiment = dataclasses.replace(experiment, miniature=_section_class("miniature")())
     _check_sweep(experiment, source)
+    for task in experiment.tasks:
+        if task.target_tokens >= experiment.model.max_context:
+            raise ConfigError(
+                f"{source}: tasks.{task.name}.target_tokens ({task.target_tokens}) leaves no room for the answer "
+                f"within model.max_context ({experiment.model.max_context})"
+            )
     return experiment
 
 

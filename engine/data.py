@@ -22,6 +22,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from tasks import get_task
+from tasks.build import DataError
 from tasks.example import SCHEMA, from_table, to_table
 
 SPLITS = ("train", "val", "eval")
@@ -66,7 +67,7 @@ def build_task_data(task: str, variant: str, *, sources: dict, options: dict, to
     """
     module = get_task(task)
     if variant not in module.VARIANTS:
-        raise ValueError(f"{task}: unknown variant {variant!r}; valid: {list(module.VARIANTS)}")
+        raise DataError(f"{task}: unknown variant {variant!r}; valid: {', '.join(module.VARIANTS)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tok = _tokenizer(tokenizer)
@@ -76,20 +77,34 @@ def build_task_data(task: str, variant: str, *, sources: dict, options: dict, to
     result = module.build(variant, n=n_train, split="train", **common)
     dropped["train"] = result.dropped
     examples = list(result.examples)
+    _check_not_empty(examples, task, variant, "train", sources, result.dropped)
+    eval_examples = None
+    if variant == "real" and n_eval > 0:
+        result = module.build(variant, n=n_eval, split="eval", **common)
+        dropped["eval"] = result.dropped
+        eval_examples = list(result.examples)
+        _check_not_empty(eval_examples, task, variant, "eval", sources, result.dropped)
     random.Random(seed).shuffle(examples)
     n_val = int(round(len(examples) * val_fraction))
     _atomic_parquet(examples[n_val:], out_dir / "train.parquet")
     _atomic_parquet(examples[:n_val], out_dir / "val.parquet")
-    if variant == "real" and n_eval > 0:
-        result = module.build(variant, n=n_eval, split="eval", **common)
-        dropped["eval"] = result.dropped
-        _atomic_parquet(result.examples, out_dir / "eval.parquet")
+    if eval_examples is not None:
+        _atomic_parquet(eval_examples, out_dir / "eval.parquet")
     meta = {"task": task, "variant": variant, "target_tokens": target_tokens, "seed": seed, "dropped": dropped,
             "n_requested": {"train_val": n_train, "eval": n_eval if variant == "real" else 0}}
     _atomic_json(meta, out_dir / "build.json")
     stats = dataset_stats(out_dir)
     _atomic_json(stats, out_dir / "stats.json")
     return stats
+
+
+def _check_not_empty(examples, task, variant, split, sources, dropped) -> None:
+    # Raised before anything is written, so an empty dataset never reaches the run directory.
+    if not examples:
+        raise DataError(
+            f"{task}/{variant}: the {split} split is empty (sources {dict(sources)}); "
+            f"dropped: {dict(dropped) or 'none'}"
+        )
 
 
 def _summary(values: list[float]) -> dict:

@@ -142,3 +142,9 @@ def test_variant_options_touch_only_that_variant(tmp_path):
         load_experiment(path, overrides=["tasks.mdqa.variant_options.xx.filler=a"])
     with pytest.raises(ConfigError, match=r"tasks.mdqa.variant_options.hh: unknown option 'nope'"):
         load_experiment(path, overrides=["tasks.mdqa.variant_options.hh.nope=1"])
+
+
+def test_context_longer_than_the_model_takes_is_an_error(tmp_path):
+    text = YAML.replace("rope_base: 80000}", "rope_base: 80000, max_context: 400}")
+    with pytest.raises(ConfigError, match=r"tasks.mdqa.target_tokens \(500\) .* model.max_context \(400\)"):
+        load_experiment(write(tmp_path, text))

@@ -1,6 +1,7 @@
 import json
 from pathlib import Path
 
+import pytest
 import pyarrow.parquet as pq
 
 from engine.data import build_task_data, dataset_stats, render_stats
@@ -39,3 +40,20 @@ def test_val_fraction_and_synthetic(tmp_path):
     assert "eval" not in stats["splits"]  # only the real variant gets an evaluation split
     assert sum(stats["splits"]["train"]["needle_depth_deciles"]) == 18 * 3
     assert 0.98 * 800 <= stats["splits"]["val"]["n_tokens"]["min"] <= stats["splits"]["val"]["n_tokens"]["max"] <= 800
+
+
+def test_empty_dataset_is_one_clear_error_and_writes_nothing(tmp_path):
+    from engine.data import build_task_data
+    from tasks.build import DataError
+    from tiny import char_tokenizer
+
+    source = tmp_path / "mdqa.jsonl"
+    # one question whose answer is not in its gold passage: dropped, leaving nothing
+    source.write_text('{"question": "who?", "answers": ["Zed"], "ctxs": [{"title": "T", "text": "nobody here", '
+                      '"hasanswer": true, "isgold": true}]}\n')
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match=r"mdqa/real: the train split is empty .*dropped"):
+        build_task_data("mdqa", "real", sources={"train": str(source), "eval": str(source), "pool": str(source)},
+                        options={}, tokenizer=char_tokenizer(), target_tokens=200, n_train=4, n_eval=2, seed=0,
+                        out_dir=out)
+    assert not list(out.glob("*.parquet"))
