@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -47,6 +50,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def agent_ports() -> list[str]:
+    # Another Ray cluster on this machine (the test session's) holds the default agent ports.
+    names = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+             "runtime-env-agent-port", "ray-client-server-port")
+    return [f"--{name}={free_port()}" for name in names]
+
+
+def wait_for_dashboard(port: int, head: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    import urllib.error
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert head.poll() is None, f"ray start --head exited: {log.read_text()[-3000:]}"
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/version", timeout=5)
+            return
+        except urllib.error.HTTPError:
+            return  # it answers (token auth refuses an anonymous request)
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(f"dashboard on 127.0.0.1:{port} did not come up")
+
+
 def test_ray_job_submit_runs_an_experiment(tmp_path):
     token = tmp_path / "auth_token"
     token.write_text(secrets.token_hex(32))
@@ -74,20 +101,34 @@ def test_ray_job_submit_runs_an_experiment(tmp_path):
         knockout: {{enabled: false}}
         patching: {{enabled: false}}
     """))
-    start = [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+    start = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
              "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-             "--disable-usage-stats"]
-    subprocess.run(start, env=env, check=True, capture_output=True, timeout=180)
+             "--disable-usage-stats", *agent_ports(), f"--temp-dir={tempfile.mkdtemp(prefix='nw-ray-')}"]  # short: socket paths
+    # --block in its own session: stopping it stops this head only, not other Ray clusters on the
+    # machine (a plain `ray stop` would kill every Ray process here, the test session's included).
+    log = open(tmp_path / "head.log", "wb")
+    head = subprocess.Popen(start, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        submit = subprocess.run(
-            ["bash", str(ROOT / "scripts" / "submit.sh"), str(exp)],
-            env={**env, "RAY_ADDRESS": f"http://127.0.0.1:{dash}", "RAY": str(BIN / "ray")},
-            cwd=ROOT, capture_output=True, text=True, timeout=900,
-        )
+        wait_for_dashboard(dash, head, log=tmp_path / "head.log")
+        for _ in range(30):  # the job agent comes up a little after the dashboard
+            submit = subprocess.run(
+                ["bash", str(ROOT / "scripts" / "submit.sh"), str(exp)],
+                env={**env, "RAY_ADDRESS": f"http://127.0.0.1:{dash}", "RAY": str(BIN / "ray")},
+                cwd=ROOT, capture_output=True, text=True, timeout=900,
+            )
+            if "No available agent" not in submit.stderr:
+                break
+            time.sleep(3)
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
         assert "succeeded" in submit.stdout + submit.stderr
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        if head.poll() is None:
+            os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(90)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(30)
     preds = pq.read_table(run_dir / "eval" / "mdqa" / "real" / "real" / "predictions.parquet")
     assert preds.num_rows == pq.read_table(run_dir / "data" / "mdqa" / "real" / "eval.parquet").num_rows
     assert (run_dir / "models" / "mdqa" / "real" / "adapter_model.safetensors").exists()
