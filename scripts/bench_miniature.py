@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import tempfile
 import time
@@ -45,19 +46,24 @@ def checking_callback(spec: MiniatureSpec, every: int, log: list, work_dir: Path
     started = time.perf_counter()
 
     class Check(TrainerCallback):
+        spent = {"wall": 0.0, "cpu": 0.0}  # checking time, taken out of the training time
+
         def on_step_end(self, args, state, control, model=None, **kwargs):
             if state.global_step % every and state.global_step != spec.steps:
                 return
-            paused = time.perf_counter()
+            paused, cpu = time.perf_counter(), time.process_time()
             tokenizer = load_tokenizer(str(work_dir))  # saved by pretrain before training starts
             sources = {t: {k: str(work_dir / "sources" / t / p) for k, p in v.items()} for t, v in SOURCES.items()}
-            rows = retrieval_accuracy(model, tokenizer, [spec.context, 4 * spec.context], n=32, seed=7)
+            rows = retrieval_accuracy(model, tokenizer, [spec.context // 4, spec.context, 4 * spec.context], n=32, seed=7)
             by_task = task_examples(tokenizer, sources, spec.context, n=30, seed=7, split="eval")
-            entry = {"step": state.global_step, "seconds": paused - started, "copy": summary(rows),
-                     "qa": {t: answer_accuracy(model, tokenizer, p) for t, p in by_task.items()}}
+            entry = {"step": state.global_step, "seconds": paused - started - self.spent["wall"],
+                     "copy": summary(rows), "qa": {t: answer_accuracy(model, tokenizer, p) for t, p in by_task.items()},
+                     "load_average": os.getloadavg()[0]}
             log.append(entry)
             print(json.dumps(entry), flush=True)
             model.train()
+            self.spent["wall"] += time.perf_counter() - paused
+            self.spent["cpu"] += time.process_time() - cpu
 
     return Check()
 
@@ -67,27 +73,53 @@ SOURCES = {"mdqa": {"train": "train.jsonl", "eval": "eval.jsonl", "pool": "pool.
            "summhay": {"train": "train.json", "eval": "eval.json"}}
 
 
+def final_answers(spec: MiniatureSpec, model_dir: Path, n: int) -> dict:
+    """Exact-answer accuracy per task on held-out prompts at the pretraining length and at 4x."""
+    from engine.models import load_model
+
+    model, tokenizer = load_model(str(model_dir)), load_tokenizer(str(model_dir))
+    tokenizer.padding_side = "right"
+    sources = {t: {k: str(model_dir / "sources" / t / p) for k, p in v.items()} for t, v in SOURCES.items()}
+    out = {}
+    for length in (spec.context, 4 * spec.context):
+        by_task = task_examples(tokenizer, sources, length, n=n, seed=11, split="eval")
+        out[length] = {t: answer_accuracy(model, tokenizer, p) for t, p in by_task.items()}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="spec fields as key=value")
     parser.add_argument("--check-every", type=int, default=250)
+    parser.add_argument("--answers", type=int, default=60, help="held-out prompts per task in the final check")
     parser.add_argument("--out", default="bench_miniature.json")
     args = parser.parse_args()
     spec = parse_spec(args.overrides)
     log: list = []
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
+        check = checking_callback(spec, args.check_every, log, Path(tmp))
         # The threshold is reported against, not enforced: a benchmark of a weak spec still prints.
-        meta = pretrain(dataclasses.replace(spec, min_accuracy=0.0), Path(tmp), progress=False,
-                        callbacks=(checking_callback(spec, args.check_every, log, Path(tmp)),))
+        meta = pretrain(dataclasses.replace(spec, min_accuracy=0.0), Path(tmp), progress=False, callbacks=(check,))
         total = time.perf_counter() - start
+        answers = final_answers(spec, Path(tmp), args.answers)
+    train = {"wall": meta["seconds"]["train"] - check.spent["wall"],
+             "cpu": meta["cpu_seconds"]["train"] - check.spent["cpu"]}
     print(format_table(meta["retrieval"]))
     passed = summary(meta["retrieval"])[spec.context] >= spec.min_accuracy
     print(f"content-based retrieval at {spec.context}: {'PASS' if passed else 'FAIL'} (>= {spec.min_accuracy})")
-    result = {"spec": dataclasses.asdict(spec), "seconds": meta["seconds"], "total_seconds": total,
-              "retrieval": meta["retrieval"], "during_training": log}
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(json.dumps(meta["seconds"]))
+    print("| length | " + " | ".join(answers[spec.context]) + " |")
+    print("|---" * (len(answers[spec.context]) + 1) + "|")
+    for length, by_task in answers.items():
+        print(f"| {length} | " + " | ".join(f"{a:.2f}" for a in by_task.values()) + " |")
+    print(f"pretraining (checks excluded): {train['wall']:.0f} s wall, {train['cpu']:.0f} s CPU, "
+          f"{spec.threads} threads, load average {os.getloadavg()[0]:.1f}")
+    result = {"spec": dataclasses.asdict(spec), "seconds": meta["seconds"], "cpu_seconds": meta["cpu_seconds"],
+              "train_without_checks": train, "total_seconds": total, "load_average": os.getloadavg(),
+              "retrieval": meta["retrieval"], "answers": answers, "during_training": log}
+    tmp_out = Path(f"{args.out}.tmp")
+    tmp_out.write_text(json.dumps(result, indent=2))
+    os.replace(tmp_out, args.out)
 
 
 if __name__ == "__main__":

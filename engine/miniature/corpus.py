@@ -13,7 +13,7 @@ Loss is on the copies and answers only (labels -100 elsewhere).
 
 Example:
     >>> qa = encode_qa(tokenizer, sum(task_examples(tokenizer, sources, 256, n=300, seed=0).values(), []))
-    >>> mix = PretrainingMix(tokenizer, qa, context=256, size=32 * 1500, seed=0)
+    >>> mix = PretrainingMix(tokenizer, qa, context=256, size=32 * 1200, seed=0, batch_size=32, curriculum=0.5)
     >>> item = mix[0]                      # {"input_ids": [...], "labels": [...]}
 """
 
@@ -136,7 +136,14 @@ def encode_qa(tokenizer, pairs: list[tuple[str, str]]) -> list[tuple[list[int], 
 
 
 class PretrainingMix:
-    """A map-style dataset: item i is drawn from a generator seeded by (seed, i).
+    """A map-style dataset of whole batches, read in order: item i is drawn from a generator
+    seeded by (seed, i); its batch (i // batch_size) fixes the kind and the length.
+
+    One kind and one length per batch wastes no compute on padding (copy and lookup
+    sequences run from ~20 tokens to `context`). The curriculum lets the copy heads form
+    first, on short sequences, as induction heads do (Olsson et al. 2022): over the first
+    `curriculum` share of batches the copy/lookup length cap grows from `SHORT` tokens to
+    `context` and the lookup and QA weights from 0 to their shares.
 
     Args:
         tokenizer: the world's tokenizer.
@@ -145,28 +152,46 @@ class PretrainingMix:
         size: number of items (steps x batch size).
         weights: mix of (copy, lookup, qa).
         fixed_gap: copy distance held fixed (a positional-shortcut model, for tests).
+        max_span: longest copied span.
+        batch_size: items per batch (the trainer's, which must read items in order).
+        curriculum: share of batches over which lengths and the lookup/QA weights ramp up.
     """
 
+    SHORT = 48
+
     def __init__(self, tokenizer, qa: list[tuple[list[int], int]], context: int, size: int, seed: int,
-                 weights: tuple[float, float, float] = (0.4, 0.2, 0.4), fixed_gap: int | None = None,
-                 max_span: int = 32):
+                 weights: tuple[float, float, float] = (0.5, 0.2, 0.3), fixed_gap: int | None = None,
+                 max_span: int = 32, batch_size: int = 1, curriculum: float = 0.0):
         self.tokens = token_ids(tokenizer)
         self.qa, self.context, self.size, self.seed = qa, context, size, seed
         self.weights = weights if qa else (weights[0], weights[1], 0.0)
         self.fixed_gap, self.max_span = fixed_gap, max_span
+        self.batch_size, self.curriculum = batch_size, curriculum
+        self.n_batches = -(-size // batch_size)
 
     def __len__(self) -> int:
         return self.size
 
+    def batch_plan(self, batch: int) -> tuple[str, int]:
+        """(kind, length) shared by every item of `batch`."""
+        rng = random.Random(f"{self.seed}/batch/{batch}")
+        ramp = min(1.0, batch / (self.curriculum * self.n_batches)) if self.curriculum > 0 else 1.0
+        copy, lookup, qa = self.weights
+        kind = rng.choices(("copy", "lookup", "qa"), weights=(copy, lookup * ramp, qa * ramp))[0]
+        short = min(self.SHORT, self.context)
+        length = rng.randint(short, short + round((self.context - short) * ramp))
+        return kind, self.context if self.fixed_gap is not None else length
+
     def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < self.size:  # iteration stops here
+            raise IndexError(f"pretraining mix item {i} out of range 0..{self.size - 1}")
+        kind, length = self.batch_plan(i // self.batch_size)
         rng = random.Random(self.seed * 1_000_003 + i)
-        kind = rng.choices(("copy", "lookup", "qa"), weights=self.weights)[0]
         if kind == "copy":
-            span = rng.randint(4, min(self.max_span, (self.context - 8) // 2))
-            length = rng.randint(2 * span + 8, self.context) if self.fixed_gap is None else self.context
-            ids, start = copy_sequence(rng, self.tokens, length, span, self.fixed_gap)
+            span = rng.randint(4, max(4, min(self.max_span, (length - 8) // 2)))
+            ids, start = copy_sequence(rng, self.tokens, max(length, 2 * span + 8), span, self.fixed_gap)
         elif kind == "lookup":
-            ids, start = lookup_sequence(rng, self.tokens, rng.randint(self.context // 4, self.context))
+            ids, start = lookup_sequence(rng, self.tokens, max(length, 16))
         else:
             ids, start = self.qa[rng.randrange(len(self.qa))]
         labels = [-100] * start + ids[start:]

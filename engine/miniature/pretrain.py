@@ -34,7 +34,7 @@ from .sources import SourceSizes, render_sources, write_atomic
 from .tokenizer import build_tokenizer, vocabulary
 from .world import build_world
 
-FORMAT_VERSION = 1  # bump when the corpus or the model recipe changes what a spec produces
+FORMAT_VERSION = 2  # bump when the corpus or the model recipe changes what a spec produces
 META = "miniature.json"
 SOURCES = "sources"
 
@@ -55,6 +55,7 @@ class MiniatureSpec:
         steps / batch_size / lr / warmup_steps: optimization.
         mix: weights of (copy, lookup, QA) sequences.
         max_span: longest copied span.
+        curriculum: share of the steps over which sequence lengths and the lookup/QA shares ramp up.
         qa_per_task: short real-variant examples per task in the QA part of the corpus.
         min_accuracy: copy accuracy required at `context` (random depths).
         check_probes: probes per length in the final check.
@@ -69,12 +70,13 @@ class MiniatureSpec:
     intermediate: int = 384
     context: int = 256
     rope_base: float = 10000.0
-    steps: int = 1500
+    steps: int = 1200
     batch_size: int = 32
     lr: float = 1e-3
-    warmup_steps: int = 200
-    mix: tuple[float, float, float] = (0.4, 0.2, 0.4)
+    warmup_steps: int = 100
+    mix: tuple[float, float, float] = (0.5, 0.2, 0.3)
     max_span: int = 32
+    curriculum: float = 0.5
     qa_per_task: int = 300
     min_accuracy: float = 0.9
     check_probes: int = 64
@@ -196,6 +198,8 @@ def train_model(spec: MiniatureSpec, tokenizer, mix, work_dir: Path, progress: b
         disable_tqdm=True,
         seed=spec.seed,
         dataloader_num_workers=0,
+        # The mix draws whole batches (one kind, one length) and a curriculum: read in order.
+        train_sampling_strategy="sequential",
     )
     callbacks = ([rich_progress(spec.steps)] if progress else []) + list(callbacks)
     trainer = Trainer(model=model, args=args, train_dataset=mix, callbacks=callbacks,
@@ -241,7 +245,7 @@ def pretrain(spec: MiniatureSpec, out_dir: Path, progress: bool = True, callback
     threads = torch.get_num_threads()
     torch.set_num_threads(spec.threads)
     try:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         world = build_world(spec.seed)
         sources = render_sources(world, out_dir / SOURCES, SourceSizes())
         # Two passes: the tasks' prompt words join the vocabulary, then the QA is built with it.
@@ -250,10 +254,11 @@ def pretrain(spec: MiniatureSpec, out_dir: Path, progress: bool = True, callback
         pairs = task_examples(tokenizer, sources, spec.context, spec.qa_per_task, spec.seed)
         qa = encode_qa(tokenizer, [p for task in pairs.values() for p in task])
         mix = PretrainingMix(tokenizer, qa, spec.context, spec.steps * spec.batch_size, spec.seed,
-                             weights=spec.mix, max_span=spec.max_span)
-        prepared = time.perf_counter()
+                             weights=spec.mix, max_span=spec.max_span, batch_size=spec.batch_size,
+                             curriculum=spec.curriculum)
+        prepared, cpu_prepared = time.perf_counter(), time.process_time()
         model = train_model(spec, tokenizer, mix, out_dir, progress, callbacks)
-        trained = time.perf_counter()
+        trained, cpu_trained = time.perf_counter(), time.process_time()
         rows = retrieval_accuracy(model, tokenizer, [spec.context, 4 * spec.context], n=spec.check_probes,
                                   seed=spec.seed + 1)
         checked = time.perf_counter()
@@ -273,6 +278,9 @@ def pretrain(spec: MiniatureSpec, out_dir: Path, progress: bool = True, callback
         "version": FORMAT_VERSION,
         "qa_examples": len(qa),
         "seconds": {"prepare": prepared - start, "train": trained - prepared, "check": checked - trained},
+        # CPU seconds of this process: wall time on a shared machine says little about an idle one.
+        "cpu_seconds": {"prepare": cpu_prepared - cpu_start, "train": cpu_trained - cpu_prepared},
+        "load_average": os.getloadavg(),
         "retrieval": rows,
         "sources": {task: {k: str(Path(p).relative_to(out_dir / SOURCES)) for k, p in paths.items()}
                     for task, paths in sources.items()},

@@ -234,6 +234,34 @@ def test_pretraining_mix_puts_loss_on_copies_and_answers_only(tokenizer):
         assert item == mix[i]  # deterministic per index
 
 
+def test_pretraining_mix_draws_whole_batches_with_a_curriculum(tokenizer):
+    """Every batch has one kind and one length (no padding); lengths and the QA share ramp up
+    over the curriculum; items past the end raise IndexError so iteration stops."""
+    qa = [([tokenizer.bos_token_id] + [7] * 60, 50)] * 5
+    mix = PretrainingMix(tokenizer, qa, context=128, size=16 * 200, seed=0, batch_size=16, curriculum=0.5)
+    tokens = token_ids(tokenizer)
+    early_lengths, late_lengths, qa_early, kinds_late = [], [], 0, set()
+    for b in range(200):
+        items = [mix[b * 16 + j] for j in range(16)]
+        kinds = {"qa" if it["input_ids"] in [q[0] for q in qa]
+                 else "copy" if tokens.copy_mark in it["input_ids"] else "lookup" for it in items}
+        assert len(kinds) == 1, (b, kinds)
+        kind = kinds.pop()
+        if kind == "copy":
+            assert len({len(it["input_ids"]) for it in items}) == 1
+        lengths = early_lengths if b < 50 else late_lengths if b >= 100 else []
+        if kind != "qa":
+            lengths.append(len(items[0]["input_ids"]))
+        if b < 25:
+            qa_early += kind == "qa"
+        elif b >= 100:
+            kinds_late.add(kind)
+    assert max(early_lengths) < 128 * 0.75 and max(late_lengths) > 128 * 0.9
+    qa_late = sum(1 for b in range(100, 200) if mix.batch_plan(b)[0] == "qa")
+    assert qa_early / 25 < 0.5 * qa_late / 100 and kinds_late == {"copy", "lookup", "qa"}
+    assert len(list(mix)) == len(mix)
+
+
 # ----------------------------------------------------------------------------- retrieval check
 
 
@@ -290,7 +318,7 @@ def test_base_model_cache_is_keyed_and_loadable(tmp_path, monkeypatch):
     monkeypatch.setattr(pretrain_module, "pretrain", lambda *a, **k: calls.append(1) or real(*a, **k))
     path = ensure_base_model(TINY, cache_dir=tmp_path, progress=False)
     assert ensure_base_model(TINY, cache_dir=tmp_path, progress=False) == path and len(calls) == 1
-    assert MiniatureSpec(mix=[0.4, 0.2, 0.4]) == MiniatureSpec() and spec_hash(TINY) == path.name
+    assert MiniatureSpec(mix=[0.5, 0.2, 0.3]) == MiniatureSpec() and spec_hash(TINY) == path.name
     model, tok = load_model(str(path)), load_tokenizer(str(path))
     arch = architecture(model)
     assert (arch.n_layers, arch.n_heads, arch.n_kv_heads) == (1, 2, 1)
