@@ -21,7 +21,7 @@ from rich.console import Console
 
 from engine import config as cfg
 from engine.config import Experiment, Run
-from engine.store import RunStore, read_parquet, write_json
+from engine.store import RunStore, read_json, read_parquet, write_json
 
 console = Console(stderr=True)
 
@@ -318,6 +318,9 @@ def run_experiment(experiment: Experiment, stages: Sequence[str] = cfg.STAGES) -
     store.save_config(cfg.to_dict(experiment), experiment.name)
     runs = cfg.expand(experiment)
     base_model = base_model_path(experiment)
+    if experiment.model.path == "miniature":
+        meta = Path(base_model) / "miniature.json"
+        write_json(read_json(meta), store.path("base_model.json"))
     init_ray()
     if "data" in stages:
         build_data(experiment, store, runs, base_model)

@@ -36,7 +36,7 @@ def write_report(run_dir: str | Path, config_summary: Mapping | None = None) -> 
 
     Args:
         run_dir: the run directory.
-        config_summary: key/value pairs shown at the top of the report.
+        config_summary: key/value pairs shown at the end of the report.
 
     Returns:
         The path of `report.md`.
@@ -46,8 +46,7 @@ def write_report(run_dir: str | Path, config_summary: Mapping | None = None) -> 
     tasks = a.tasks(run)
     findings = compute_findings(run)
     lines = [f"# needlework report: {run.name}", ""]
-    if config_summary:
-        lines += ["## Configuration", "", *_md_table(["key", "value"], _flatten(config_summary))]
+    lines += _base_model_md(run)
     lines += ["## Table 1: F1 on the real task", "", *_f1_grid_md(run, tasks)]
     lines += ["## Head recall and counts (Tables 5-10)", ""]
     lines += [line for task in tasks for line in _recall_md(run, task)] or [NOT_RUN, ""]
@@ -58,6 +57,8 @@ def write_report(run_dir: str | Path, config_summary: Mapping | None = None) -> 
     lines += ["## Score heatmaps (Figures 6-9)", "", *_heatmaps_md(run, tasks, fig_dir)]
     lines += ["## Similarity vs F1 (Figure 4)", "", *_scatter_md(run, tasks, fig_dir)]
     lines += ["## Findings", "", *_findings_md(findings)]
+    if config_summary:
+        lines += ["## Configuration", "", *_md_table(["key", "value"], _flatten(config_summary))]
     write_text(json.dumps(_json_safe(findings), indent=2), run / "report" / "findings.json")
     return write_text("\n".join(lines) + "\n", run / "report" / "report.md")
 
@@ -216,6 +217,26 @@ def _scatter_md(run: Path, tasks: list[str], fig_dir: Path) -> list[str]:
             path = figures.similarity_scatter(panels, title, fig_dir / f"similarity_{task}.png")
             lines += [_img(path, fig_dir, f"similarity vs F1 {task}"), ""]
     return lines or [NOT_RUN, ""]
+
+
+def _base_model_md(run: Path) -> list[str]:
+    """The bundled base model's own retrieval check, when the run used the miniature."""
+    path = run / "base_model.json"
+    if not path.is_file():
+        return []
+    meta = json.loads(path.read_text())
+    rows = meta.get("retrieval", [])
+    lines = ["## Base model", "",
+             f"Pretrained by the engine at {meta['spec']['context']} tokens in "
+             f"{meta.get('seconds', {}).get('train', float('nan')):.0f} s. Copy accuracy of needles at random depths "
+             "(content-based retrieval; the base must pass this before its heads mean anything):", ""]
+    by_length: dict[int, list[dict]] = {}
+    for r in rows:
+        by_length.setdefault(int(r["length"]), []).append(r)
+    table = [[length, a.fmt(sum(r["accuracy"] * r["n"] for r in rs) / max(1, sum(r["n"] for r in rs)), 2),
+              ", ".join(a.fmt(r["accuracy"], 2) for r in sorted(rs, key=lambda r: r["depth"]))]
+             for length, rs in sorted(by_length.items())]
+    return lines + _md_table(["tokens", "accuracy", "by depth (shallow -> deep)"], table)
 
 
 def _findings_md(findings: dict) -> list[str]:

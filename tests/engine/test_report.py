@@ -219,3 +219,17 @@ def test_malformed_artifact_names_file_and_column(tmp_path):
     write(tmp_path / "knockout" / "mdqa" / "real" / "knockout.parquet", [{"k": 2, "f1": 0.5}])
     with pytest.raises(ValueError, match=r"knockout/mdqa/real/knockout.parquet: missing column\(s\) \['selection'\]"):
         write_report(tmp_path)
+
+
+def test_base_model_section_reports_the_miniature_check(tmp_path):
+    import json as _json
+
+    rows = [{"length": 256, "depth": "0.00-0.50", "n": 3, "accuracy": 1.0},
+            {"length": 256, "depth": "0.50-1.00", "n": 1, "accuracy": 0.0},
+            {"length": 1024, "depth": "0.00-1.00", "n": 4, "accuracy": 0.25}]
+    (tmp_path / "base_model.json").write_text(_json.dumps({"spec": {"context": 256}, "seconds": {"train": 12.0},
+                                                            "retrieval": rows}))
+    text = write_report(tmp_path).read_text()
+    assert "## Base model" in text
+    assert "| 256 | 0.75 | 1.00, 0.00 |" in text  # (3 x 1.0 + 1 x 0.0) / 4
+    assert "| 1024 | 0.25 | 0.25 |" in text
