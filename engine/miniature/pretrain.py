@@ -2,8 +2,9 @@
 
 A tiny Llama (GQA, RoPE) trained with the HF Trainer at a short context on the mix of
 `corpus.py`, until it copies and answers by content there; it then fails at several times
-that length, as an 8K instruct model fails at 32K. Measured while planning (2 cores):
-content-based copy heads form by ~800 steps; see DESIGN.md, "Embedded default".
+that length, as an 8K instruct model fails at 32K. Two phases: short copy probes alone until
+the content-based copy heads form (~800 steps at batch 32; DESIGN.md, "Embedded default"),
+then copy, lookup and task QA at lengths up to the context.
 
 The cache entry is keyed by a hash of the spec and the tokenizer's vocabulary, built in a
 temporary directory and moved into place with one `os.replace`, under a file lock, so
@@ -34,7 +35,7 @@ from .sources import SourceSizes, render_sources, write_atomic
 from .tokenizer import build_tokenizer, vocabulary
 from .world import build_world
 
-FORMAT_VERSION = 2  # bump when the corpus or the model recipe changes what a spec produces
+FORMAT_VERSION = 3  # bump when the corpus or the model recipe changes what a spec produces
 META = "miniature.json"
 SOURCES = "sources"
 
@@ -52,10 +53,11 @@ class MiniatureSpec:
         n_layers / n_heads / n_kv_heads / hidden / intermediate: Llama dimensions (GQA).
         context: pretraining length in tokens.
         rope_base: RoPE base during pretraining.
-        steps / batch_size / lr / warmup_steps: optimization.
-        mix: weights of (copy, lookup, QA) sequences.
+        steps / batch_size / lr / warmup_steps: optimization (`steps` counts both phases).
+        phase1_steps: first steps on short copy probes alone, where the copy heads form.
+        phase1_length: longest sequence in phase 1.
+        mix: weights of (copy, lookup, QA) sequences after phase 1, at lengths up to `context`.
         max_span: longest copied span.
-        curriculum: share of the steps over which sequence lengths and the lookup/QA shares ramp up.
         qa_per_task: short real-variant examples per task in the QA part of the corpus.
         min_accuracy: copy accuracy required at `context` (random depths).
         check_probes: probes per length in the final check.
@@ -70,17 +72,18 @@ class MiniatureSpec:
     intermediate: int = 384
     context: int = 256
     rope_base: float = 10000.0
-    steps: int = 1200
+    steps: int = 1400
     batch_size: int = 32
     lr: float = 1e-3
     warmup_steps: int = 100
-    mix: tuple[float, float, float] = (0.5, 0.2, 0.3)
+    phase1_steps: int = 900
+    phase1_length: int = 96
+    mix: tuple[float, float, float] = (0.4, 0.2, 0.4)
     max_span: int = 32
-    curriculum: float = 0.5
     qa_per_task: int = 300
     min_accuracy: float = 0.9
     check_probes: int = 64
-    threads: int = 2
+    threads: int = 1
 
     def __post_init__(self):
         # YAML gives lists; the spec must stay hashable and compare equal either way.
@@ -178,7 +181,7 @@ def train_model(spec: MiniatureSpec, tokenizer, mix, work_dir: Path, progress: b
 
     `callbacks` are extra `TrainerCallback`s (the benchmark checks retrieval while training).
     """
-    from transformers import DataCollatorForSeq2Seq, LlamaForCausalLM, Trainer, TrainingArguments
+    from transformers import DataCollatorForSeq2Seq, LlamaForCausalLM, PrinterCallback, Trainer, TrainingArguments
 
     torch.manual_seed(spec.seed)
     model = LlamaForCausalLM(llama_config(spec, tokenizer))
@@ -198,12 +201,15 @@ def train_model(spec: MiniatureSpec, tokenizer, mix, work_dir: Path, progress: b
         disable_tqdm=True,
         seed=spec.seed,
         dataloader_num_workers=0,
-        # The mix draws whole batches (one kind, one length) and a curriculum: read in order.
+        log_level="warning",
+        # The mix draws whole batches (one kind, one length) in two phases: read in order.
         train_sampling_strategy="sequential",
     )
     callbacks = ([rich_progress(spec.steps)] if progress else []) + list(callbacks)
     trainer = Trainer(model=model, args=args, train_dataset=mix, callbacks=callbacks,
                       data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
+    # Only the rich bar reports progress: the default printer would dump every log dict.
+    trainer.remove_callback(PrinterCallback)
     trainer.train()
     shutil.rmtree(work_dir / "trainer", ignore_errors=True)
     return model.eval()
@@ -255,7 +261,7 @@ def pretrain(spec: MiniatureSpec, out_dir: Path, progress: bool = True, callback
         qa = encode_qa(tokenizer, [p for task in pairs.values() for p in task])
         mix = PretrainingMix(tokenizer, qa, spec.context, spec.steps * spec.batch_size, spec.seed,
                              weights=spec.mix, max_span=spec.max_span, batch_size=spec.batch_size,
-                             curriculum=spec.curriculum)
+                             phase1=spec.phase1_steps, phase1_length=spec.phase1_length)
         prepared, cpu_prepared = time.perf_counter(), time.process_time()
         model = train_model(spec, tokenizer, mix, out_dir, progress, callbacks)
         trained, cpu_trained = time.perf_counter(), time.process_time()
@@ -269,7 +275,7 @@ def pretrain(spec: MiniatureSpec, out_dir: Path, progress: bool = True, callback
         raise MiniatureError(
             f"miniature pretraining ({spec.steps} steps) copies at random depths with accuracy "
             f"{accuracy[spec.context]:.2f} < {spec.min_accuracy} at its own length {spec.context}; "
-            f"raise `steps`.\n{format_table(rows)}")
+            f"raise `phase1_steps` (copy heads not formed) or `steps`.\n{format_table(rows)}")
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.padding_side = "left"
     tokenizer.save_pretrained(str(out_dir))

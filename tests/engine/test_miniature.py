@@ -33,7 +33,7 @@ from engine.miniature.world import WORD_PATTERN
 SMALL = SourceSizes(mdqa_train=30, mdqa_eval=10, mdqa_pool=20, musique_train=20, musique_eval=10,
                     summhay_train=3, summhay_eval=2)
 TINY = MiniatureSpec(n_layers=1, n_heads=2, n_kv_heads=1, hidden=32, intermediate=64, context=64, steps=3,
-                     batch_size=4, warmup_steps=1, qa_per_task=3, min_accuracy=0.0, check_probes=4, threads=1)
+                     phase1_steps=2, batch_size=4, warmup_steps=1, qa_per_task=3, min_accuracy=0.0, check_probes=4, threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -234,13 +234,15 @@ def test_pretraining_mix_puts_loss_on_copies_and_answers_only(tokenizer):
         assert item == mix[i]  # deterministic per index
 
 
-def test_pretraining_mix_draws_whole_batches_with_a_curriculum(tokenizer):
-    """Every batch has one kind and one length (no padding); lengths and the QA share ramp up
-    over the curriculum; items past the end raise IndexError so iteration stops."""
+def test_pretraining_mix_draws_whole_batches_in_two_phases(tokenizer):
+    """Every batch has one kind and one length (no padding); phase 1 is short copy probes
+    alone, phase 2 mixes all kinds at lengths up to the context; items past the end raise
+    IndexError so iteration stops."""
     qa = [([tokenizer.bos_token_id] + [7] * 60, 50)] * 5
-    mix = PretrainingMix(tokenizer, qa, context=128, size=16 * 200, seed=0, batch_size=16, curriculum=0.5)
+    mix = PretrainingMix(tokenizer, qa, context=128, size=16 * 200, seed=0, batch_size=16, phase1=80,
+                         phase1_length=64)
     tokens = token_ids(tokenizer)
-    early_lengths, late_lengths, qa_early, kinds_late = [], [], 0, set()
+    early_lengths, late_lengths, kinds_early, kinds_late = [], [], set(), []
     for b in range(200):
         items = [mix[b * 16 + j] for j in range(16)]
         kinds = {"qa" if it["input_ids"] in [q[0] for q in qa]
@@ -249,16 +251,15 @@ def test_pretraining_mix_draws_whole_batches_with_a_curriculum(tokenizer):
         kind = kinds.pop()
         if kind == "copy":
             assert len({len(it["input_ids"]) for it in items}) == 1
-        lengths = early_lengths if b < 50 else late_lengths if b >= 100 else []
+        (kinds_early if b < 80 else set()).add(kind)
+        if b >= 80:
+            kinds_late.append(kind)
         if kind != "qa":
-            lengths.append(len(items[0]["input_ids"]))
-        if b < 25:
-            qa_early += kind == "qa"
-        elif b >= 100:
-            kinds_late.add(kind)
-    assert max(early_lengths) < 128 * 0.75 and max(late_lengths) > 128 * 0.9
-    qa_late = sum(1 for b in range(100, 200) if mix.batch_plan(b)[0] == "qa")
-    assert qa_early / 25 < 0.5 * qa_late / 100 and kinds_late == {"copy", "lookup", "qa"}
+            (early_lengths if b < 80 else late_lengths).append(len(items[0]["input_ids"]))
+    assert kinds_early == {"copy"} and max(early_lengths) <= 64 and len(set(early_lengths)) > 5
+    assert max(late_lengths) > 128 * 0.9 and set(kinds_late) == {"copy", "lookup", "qa"}
+    # Phase 2 follows the (copy, lookup, qa) weights (0.5, 0.2, 0.3): 120 batches, loose bounds.
+    assert 0.3 < kinds_late.count("copy") / 120 < 0.7 and 0.15 < kinds_late.count("qa") / 120 < 0.45
     assert len(list(mix)) == len(mix)
 
 
@@ -310,7 +311,7 @@ def test_retrieval_check_tells_content_from_position(tokenizer):
 # ----------------------------------------------------------------------------- cached base model
 
 
-def test_base_model_cache_is_keyed_and_loadable(tmp_path, monkeypatch):
+def test_base_model_cache_is_keyed_and_loadable(tmp_path, monkeypatch, capsys):
     from engine.models import architecture, load_model, load_tokenizer
 
     calls = []
@@ -318,7 +319,8 @@ def test_base_model_cache_is_keyed_and_loadable(tmp_path, monkeypatch):
     monkeypatch.setattr(pretrain_module, "pretrain", lambda *a, **k: calls.append(1) or real(*a, **k))
     path = ensure_base_model(TINY, cache_dir=tmp_path, progress=False)
     assert ensure_base_model(TINY, cache_dir=tmp_path, progress=False) == path and len(calls) == 1
-    assert MiniatureSpec(mix=[0.5, 0.2, 0.3]) == MiniatureSpec() and spec_hash(TINY) == path.name
+    assert "'loss'" not in capsys.readouterr().out  # no per-log dicts from the Trainer's printer
+    assert MiniatureSpec(mix=list(MiniatureSpec().mix)) == MiniatureSpec() and spec_hash(TINY) == path.name
     model, tok = load_model(str(path)), load_tokenizer(str(path))
     arch = architecture(model)
     assert (arch.n_layers, arch.n_heads, arch.n_kv_heads) == (1, 2, 1)
