@@ -236,7 +236,13 @@ def _base_model_md(run: Path) -> list[str]:
     table = [[length, a.fmt(sum(r["accuracy"] * r["n"] for r in rs) / max(1, sum(r["n"] for r in rs)), 2),
               ", ".join(a.fmt(r["accuracy"], 2) for r in sorted(rs, key=lambda r: r["depth"]))]
              for length, rs in sorted(by_length.items())]
-    return lines + _md_table(["tokens", "accuracy", "by depth (shallow -> deep)"], table)
+    lines += _md_table(["tokens", "accuracy", "by depth (shallow -> deep)"], table)
+    check = meta.get("check")
+    if check and not check["passed"]:
+        lines += [f"**The base model FAILED its content-retrieval check** (accuracy {check['accuracy']:.2f} < "
+                  f"{check['min_accuracy']} at {check['length']} tokens): it does not retrieve by content at its "
+                  "own length, so the head analyses and findings below do not test the paper's claims.", ""]
+    return lines
 
 
 def _findings_md(findings: dict) -> list[str]:

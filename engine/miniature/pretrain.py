@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,12 +83,15 @@ class MiniatureSpec:
     max_span: int = 32
     qa_per_task: int = 300
     min_accuracy: float = 0.9
+    on_failed_check: str = "raise"  # or "warn": keep the model, flag it in miniature.json and the report
     check_probes: int = 64
     threads: int = 1
 
     def __post_init__(self):
         # YAML gives lists; the spec must stay hashable and compare equal either way.
         object.__setattr__(self, "mix", tuple(float(w) for w in self.mix))
+        if self.on_failed_check not in ("raise", "warn"):
+            raise ValueError(f"miniature.on_failed_check: {self.on_failed_check!r}; choose 'raise' or 'warn'")
         if self.n_heads % self.n_kv_heads or self.hidden % self.n_heads:
             raise ValueError(f"miniature: hidden {self.hidden}, heads {self.n_heads}, kv heads "
                              f"{self.n_kv_heads} do not divide evenly")
@@ -271,11 +275,14 @@ def pretrain(spec: MiniatureSpec, out_dir: Path, progress: bool = True, callback
     finally:
         torch.set_num_threads(threads)
     accuracy = summary(rows)
-    if accuracy[spec.context] < spec.min_accuracy:
-        raise MiniatureError(
-            f"miniature pretraining ({spec.steps} steps) copies at random depths with accuracy "
-            f"{accuracy[spec.context]:.2f} < {spec.min_accuracy} at its own length {spec.context}; "
-            f"raise `phase1_steps` (copy heads not formed) or `steps`.\n{format_table(rows)}")
+    passed = accuracy[spec.context] >= spec.min_accuracy
+    if not passed:
+        message = (f"miniature pretraining ({spec.steps} steps) copies at random depths with accuracy "
+                   f"{accuracy[spec.context]:.2f} < {spec.min_accuracy} at its own length {spec.context}; "
+                   f"raise `phase1_steps` (copy heads not formed) or `steps`.\n{format_table(rows)}")
+        if spec.on_failed_check == "raise":
+            raise MiniatureError(message)
+        warnings.warn(message + "\nKept (on_failed_check: warn); head analyses of this model are flagged.")
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.padding_side = "left"
     tokenizer.save_pretrained(str(out_dir))
@@ -288,6 +295,8 @@ def pretrain(spec: MiniatureSpec, out_dir: Path, progress: bool = True, callback
         "cpu_seconds": {"prepare": cpu_prepared - cpu_start, "train": cpu_trained - cpu_prepared},
         "load_average": os.getloadavg(),
         "retrieval": rows,
+        "check": {"length": spec.context, "accuracy": accuracy[spec.context], "min_accuracy": spec.min_accuracy,
+                  "passed": passed},
         "sources": {task: {k: str(Path(p).relative_to(out_dir / SOURCES)) for k, p in paths.items()}
                     for task, paths in sources.items()},
     }

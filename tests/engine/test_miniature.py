@@ -352,3 +352,13 @@ def test_failed_pretraining_leaves_no_cache_entry(tmp_path, monkeypatch):
 def test_cache_dir_follows_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("NEEDLEWORK_CACHE", str(tmp_path))
     assert pretrain_module.default_cache_dir() == tmp_path / "miniature"
+
+
+def test_failed_check_in_warn_mode_keeps_the_model_and_flags_it(tmp_path):
+    lenient = MiniatureSpec(**{**TINY.__dict__, "min_accuracy": 0.99, "on_failed_check": "warn"})
+    with pytest.warns(UserWarning, match="random depths"):
+        path = ensure_base_model(lenient, cache_dir=tmp_path, progress=False)
+    check = json.loads((path / "miniature.json").read_text())["check"]
+    assert check["passed"] is False and check["min_accuracy"] == 0.99
+    with pytest.raises(ValueError, match="on_failed_check"):
+        MiniatureSpec(on_failed_check="ignore")

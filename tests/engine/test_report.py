@@ -233,3 +233,14 @@ def test_base_model_section_reports_the_miniature_check(tmp_path):
     assert "## Base model" in text
     assert "| 256 | 0.75 | 1.00, 0.00 |" in text  # (3 x 1.0 + 1 x 0.0) / 4
     assert "| 1024 | 0.25 | 0.25 |" in text
+
+
+def test_failed_base_model_check_is_flagged(tmp_path):
+    import json as _json
+
+    (tmp_path / "base_model.json").write_text(_json.dumps({
+        "spec": {"context": 128}, "seconds": {"train": 1.0},
+        "retrieval": [{"length": 128, "depth": "0-1", "n": 4, "accuracy": 0.5}],
+        "check": {"length": 128, "accuracy": 0.5, "min_accuracy": 0.9, "passed": False}}))
+    assert "FAILED its content-retrieval check** (accuracy 0.50 < 0.9 at 128 tokens)" in write_report(
+        tmp_path).read_text()
