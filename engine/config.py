@@ -129,7 +129,8 @@ class Experiment:
     source_file: str = ""
 
     def resolved_run_dir(self) -> Path:
-        return Path(self.run_dir or f"runs/{self.name}")
+        # Absolute: Ray Train workers and actors do not share the driver's working directory.
+        return Path(self.run_dir or f"runs/{self.name}").resolve()
 
     def task(self, name: str) -> TaskConfig:
         for task in self.tasks:

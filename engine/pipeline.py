@@ -44,7 +44,9 @@ def eval_dir(store: RunStore, run: Run, split: str) -> Path:
 def base_model_path(experiment: Experiment, show_progress: bool = True) -> str:
     """The base model: a local path or hub id, or the bundled miniature (pretrained once, cached)."""
     if experiment.model.path != "miniature":
-        return experiment.model.path
+        local = Path(experiment.model.path)
+        # A local checkpoint by absolute path (workers run elsewhere); anything else is a hub id.
+        return str(local.resolve()) if local.exists() else experiment.model.path
     from engine.miniature import ensure_base_model
 
     return str(ensure_base_model(experiment.miniature, progress=show_progress))

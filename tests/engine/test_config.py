@@ -148,3 +148,9 @@ def test_context_longer_than_the_model_takes_is_an_error(tmp_path):
     text = YAML.replace("rope_base: 80000}", "rope_base: 80000, max_context: 400}")
     with pytest.raises(ConfigError, match=r"tasks.mdqa.target_tokens \(500\) .* model.max_context \(400\)"):
         load_experiment(write(tmp_path, text))
+
+
+def test_run_dir_is_absolute_for_workers_elsewhere(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    exp = load_experiment(write(tmp_path, YAML + "run_dir: runs/x\n"))
+    assert exp.resolved_run_dir() == tmp_path / "runs" / "x"
