@@ -275,7 +275,8 @@ def test_deepspeed_zero2_on_cpu(ray_cluster, tiny_checkpoints, train_parquet, tm
     base = tiny_checkpoints["llama"]
     spec = spec_for(base, train_parquet, tmp_path / "out", num_workers=2, deepspeed=ZERO2, epochs=2,
                     max_failures=0)
-    result = within(RAY_TIMEOUT, train_variant, spec, callbacks=[Snapshot(str(tmp_path / "snap.pt"))])
+    # DeepSpeed may build its CPU Adam extension on first use: more time than the other runs.
+    result = within(3 * RAY_TIMEOUT, train_variant, spec, callbacks=[Snapshot(str(tmp_path / "snap.pt"))])
 
     assert result.steps == 16
     loss = losses(spec.out_dir)
