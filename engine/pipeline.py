@@ -21,7 +21,7 @@ from rich.console import Console
 
 from engine import config as cfg
 from engine.config import Experiment, Run
-from engine.store import RunStore, read_json, read_parquet, write_json
+from engine.store import RunStore, read_json, write_json
 
 console = Console(stderr=True)
 
@@ -377,9 +377,3 @@ def status(run_dir: str | Path) -> dict:
     for key in manifest:
         by_stage[key.split("/", 1)[0]] = by_stage.get(key.split("/", 1)[0], 0) + 1
     return {"run_dir": str(run_dir), "finished": by_stage, "entries": manifest}
-
-
-def f1_of(path: Path) -> float:
-    table = read_parquet(path)
-    values = table.column("f1").to_pylist()
-    return sum(values) / len(values) if values else float("nan")
