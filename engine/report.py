@@ -232,7 +232,8 @@ def _base_model_md(run: Path) -> list[str]:
              "(content-based retrieval; the base must pass this before its heads mean anything):", ""]
     by_length: dict[int, list[dict]] = {}
     for r in rows:
-        by_length.setdefault(int(r["length"]), []).append(r)
+        if r["depth"] != "all":  # the per-length total is recomputed below from the depth bins
+            by_length.setdefault(int(r["length"]), []).append(r)
     table = [[length, a.fmt(sum(r["accuracy"] * r["n"] for r in rs) / max(1, sum(r["n"] for r in rs)), 2),
               ", ".join(a.fmt(r["accuracy"], 2) for r in sorted(rs, key=lambda r: r["depth"]))]
              for length, rs in sorted(by_length.items())]

@@ -226,7 +226,8 @@ def test_base_model_section_reports_the_miniature_check(tmp_path):
 
     rows = [{"length": 256, "depth": "0.00-0.50", "n": 3, "accuracy": 1.0},
             {"length": 256, "depth": "0.50-1.00", "n": 1, "accuracy": 0.0},
-            {"length": 1024, "depth": "0.00-1.00", "n": 4, "accuracy": 0.25}]
+            {"length": 1024, "depth": "0.00-1.00", "n": 4, "accuracy": 0.25},
+            {"length": 1024, "depth": "all", "n": 4, "accuracy": 0.25}]
     (tmp_path / "base_model.json").write_text(_json.dumps({"spec": {"context": 256}, "seconds": {"train": 12.0},
                                                             "retrieval": rows}))
     text = write_report(tmp_path).read_text()
