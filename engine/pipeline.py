@@ -37,6 +37,11 @@ def model_dir(store: RunStore, run: Run) -> Path | None:
     return store.path("models", run.task, run.label) if run.fine_tuned else None
 
 
+def real_eval_path(store: RunStore, task: str) -> Path:
+    """The real task's evaluation set, shared by every variant of the task and by `base`."""
+    return store.path("data", task, "real", "eval.parquet")
+
+
 def eval_dir(store: RunStore, run: Run, split: str) -> Path:
     return store.path("eval", run.task, run.label, split)
 
@@ -165,6 +170,13 @@ def model_ref(experiment: Experiment, store: RunStore, run: Run, base_model: str
     )
 
 
+def decode_settings(experiment: Experiment) -> dict:
+    """The decoding settings knockout and patching share with the evaluation stage."""
+    e = experiment.evaluate
+    return dict(pool=pool_config(experiment), batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
+                limit=e.limit)
+
+
 def pool_config(experiment: Experiment):
     from engine.evaluate import PoolConfig
 
@@ -189,9 +201,7 @@ def evaluate_models(experiment: Experiment, store: RunStore, runs: Sequence[Run]
             key, digest = f"evaluate/{run.task}/{run.label}/{split}", cfg.eval_hash(experiment, run, split)
             if store.is_done(key, digest):
                 continue
-            data = data_dir(store, Run(run.task, "real", 0)) / "eval.parquet" if split == "real" else (
-                data_dir(store, run) / "val.parquet"
-            )
+            data = real_eval_path(store, run.task) if split == "real" else data_dir(store, run) / "val.parquet"
             out = eval_dir(store, run, split)
             jobs.append(
                 EvalJob(
@@ -236,14 +246,11 @@ def run_knockouts(experiment: Experiment, store: RunStore, runs: Sequence[Run], 
             task=run.task,
             head_scores=str(eval_dir(store, run, "own") / "head_scores.parquet"),
             kind=head_kind(experiment, run.task),
-            data_path=str(store.path("data", run.task, "real", "eval.parquet")),
+            data_path=str(real_eval_path(store, run.task)),
             ks=k.ks,
             seeds=k.seeds,
             out_dir=str(out),
-            pool=pool_config(experiment),
-            batch_size=experiment.evaluate.batch_size,
-            max_new_tokens=experiment.evaluate.max_new_tokens,
-            limit=experiment.evaluate.limit,
+            **decode_settings(experiment),
         )
         store.mark_done(key, digest, out)
 
@@ -278,13 +285,10 @@ def run_patchings(experiment: Experiment, store: RunStore, runs: Sequence[Run], 
             source_scores=str(eval_dir(store, source, "own") / "head_scores.parquet"),
             unpatched_predictions=str(eval_dir(store, run, "real") / "predictions.parquet"),
             kind=head_kind(experiment, run.task),
-            data_path=str(store.path("data", run.task, "real", "eval.parquet")),
+            data_path=str(real_eval_path(store, run.task)),
             seeds=p.seeds,
             out_dir=str(out),
-            pool=pool_config(experiment),
-            batch_size=experiment.evaluate.batch_size,
-            max_new_tokens=experiment.evaluate.max_new_tokens,
-            limit=experiment.evaluate.limit,
+            **decode_settings(experiment),
         )
         store.mark_done(key, digest, out)
 
