@@ -170,6 +170,9 @@ def main(argv: list[str] | None = None) -> dict:
                    "load_average": round(load, 2), "dropped": res.dropped,
                    "tokenizer_seconds": round(clock.wall, 2), "tokenizer_cpu_seconds": round(clock.cpu, 2),
                    "tokenizer_calls": clock.calls, "texts_tokenized": clock.texts,
+                   # whole prompts tokenized exactly while fitting: 1 per example is the floor
+                   "exact_prompt_counts": counter.prompts_counted,
+                   "exact_counts_per_example": round(counter.prompts_counted / max(1, len(res.examples)), 3),
                    # The tokenizer runs on every core; the rest of the build is single-threaded Python.
                    "projected_seconds_2_idle_cores": round(max(0.0, cpu - clock.cpu) + clock.cpu / 2, 1)}
             if not args.no_recount:
@@ -213,7 +216,8 @@ def main(argv: list[str] | None = None) -> dict:
         console.print(f"Projected from CPU time on 2 idle cores: "
                       f"{result['mdqa_projected_seconds_per_1400_2_idle_cores']} s per 1,400 examples "
                       f"(of {mdqa_row['cpu_seconds']:.1f} CPU s, {mdqa_row['tokenizer_cpu_seconds']:.1f} in the "
-                      f"tokenizer, {mdqa_row['tokenizer_calls']} calls)")
+                      f"tokenizer, {mdqa_row['tokenizer_calls']} calls, "
+                      f"{mdqa_row['exact_counts_per_example']} exact prompt counts per example)")
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

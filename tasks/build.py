@@ -40,11 +40,13 @@ def resolve_options(defaults: dict, given: dict | None, task: str) -> dict:
     return {**defaults, **given}
 
 
-def source_path(sources: dict, key: str, task: str, valid: Sequence[str]) -> Path:
-    """The local file for source `key`; missing key or file says which and what was expected."""
+def source_path(sources: dict, key: str, task: str, valid: Sequence[str], allow_dir: bool = False) -> Path:
+    """The local file (or directory, if allowed) for source `key`; a missing one says which."""
     if key not in (sources or {}):
         raise DataError(f"{task}: source {key!r} is required (sources accepted: {list(valid)})")
     path = Path(sources[key]).expanduser()
+    if allow_dir and path.is_dir():
+        return path
     if not path.is_file():
         raise DataError(f"{task}: source {key!r} file {path} does not exist")
     return path

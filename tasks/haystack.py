@@ -64,7 +64,7 @@ def _number(n: int) -> Segment:
 
 @functools.lru_cache(maxsize=65536)
 def _body(item: Doc, doc_sep: str) -> Segment:
-    lead = f"(Title: {item.title}) " if item.title else ""
+    lead = f"(Title: {item.title}) " if item.title else " "  # untitled passages: "Document [3] text"
     return Segment(lead + item.text + doc_sep, tuple((s + len(lead), e + len(lead), kind) for kind, s, e in item.marks))
 
 

@@ -36,7 +36,7 @@ from tasks.example import Example
 from tasks.fitting import Draft, FitRequest, TokenCounter, fit_stream
 from tasks.haystack import Doc, Plain, filler_stream, needle_marks, segments, take_tokens
 from tasks.retrieval import rank_bm25, rank_dense
-from tasks.text import best_f1_em, find_all, first_answer_line, locate_answers, normalize_answer
+from tasks.text import best_f1_em, contains_answer, find_all, first_answer_line, locate_answers, normalize_answer
 
 NAME = "mdqa"
 VARIANTS = ("real", "real_limited", "hh", "hl", "lh", "ll", "symbolic")
@@ -153,7 +153,7 @@ def build_real(variant, sources, opts, counter, target, n, seed, split) -> Build
         lens = counter.counts([t for _, t in pool[:200]])
         k_needed = min(len(pool), int(1.5 * target / max(1.0, sum(lens) / len(lens))) + 20)
     chosen, examples = records[: n + n // 2 + 10], []
-    pool_norm = [normalize_answer(t) for _, t in pool]
+    pool_norm = [normalize_answer(f"{t} {x}") for t, x in pool]  # the title is shown too
     pool_docs = [Doc(t, x) for t, x in pool]  # shared by examples, so their segments are built once
     ranked = _rank(opts, [r["question"] for r in chosen], pool, k_needed) if pool else [[] for _ in chosen]
 
@@ -169,13 +169,14 @@ def build_real(variant, sources, opts, counter, target, n, seed, split) -> Build
             if not answers or not spans:
                 count(dropped, "answer_not_in_gold_passage")
                 continue
-            norm = [a for a in map(normalize_answer, answers) if a]
+            norm = [normalize_answer(a) for a in answers]
             distract = [Doc(c["title"], c["text"]) for i, c in enumerate(rec["ctxs"]) if i != g]
             seen = {gold["text"], *(d.text for d in distract)}
             for i in ranks:
                 doc = pool_docs[i]
-                # A pool passage that contains an answer would be a second gold passage.
-                if doc.text not in seen and not any(a in pool_norm[i] for a in norm):
+                # A pool passage that states an answer would be a second gold passage; whole
+                # tokens, so a one-letter answer does not rule out every passage.
+                if doc.text not in seen and not contains_answer(pool_norm[i], norm):
                     seen.add(doc.text)
                     distract.append(doc)
             needle = Doc(gold["title"], gold["text"], needle_marks(gold["text"], spans))

@@ -33,7 +33,21 @@ def rank_bm25(queries: list[str], corpus: list[str], k: int) -> list[list[int]]:
 
 def rank_dense(queries: list[str], corpus: list[str], k: int, model_path: str, batch_size: int = 16,
                max_length: int = 512) -> list[list[int]]:
-    """Like `rank_bm25`, by cosine similarity of mean-pooled encoder states."""
+    """Like `rank_bm25`, by cosine similarity of mean-pooled encoder states.
+
+    Args:
+        queries: one text per question.
+        corpus: the passages to rank.
+        k: how many indices to return per query, best first.
+        model_path: a local HF encoder directory (`AutoModel` + `AutoTokenizer`); nothing is
+            downloaded.
+        batch_size: texts per forward pass.
+        max_length: longest input in tokens; capped by the encoder's own position limit.
+
+    Returns:
+        For each query, the indices of its `k` most similar passages: cosine similarity of the
+        mean over non-padding positions of the last hidden states.
+    """
     import torch
     from transformers import AutoModel, AutoTokenizer
 
@@ -41,6 +55,11 @@ def rank_dense(queries: list[str], corpus: list[str], k: int, model_path: str, b
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model = AutoModel.from_pretrained(model_path).eval()
+    # Truncate to what the encoder can position (a tokenizer saved without a limit says ~1e30).
+    limits = [max_length, getattr(model.config, "max_position_embeddings", max_length)]
+    if tok.model_max_length and tok.model_max_length < 1_000_000:
+        limits.append(tok.model_max_length)
+    max_length = min(limits)
 
     @torch.no_grad()
     def embed(texts: list[str]) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """SummHay citation: which two of ten documents state an insight? (Zhao et al. 2025, Sec. 2-3).
 
-Real: from Summary of a Haystack topic files (Laban et al., 2024: `subtopics[].insights[]`
-with `insight_id`/`insight`, `documents[]` with `document_text`/`insights_included`), ten
+Real: from Summary of a Haystack topic files (Laban et al., 2024; the format of
+`data/topic_*.json` in salesforce/summary-of-a-haystack: `subtopics[].insights[]` with
+`insight_id`/`insight`, `documents[]` with `document_text`/`insights_included`), ten
 documents of one topic where the queried insight is contained in exactly two; the answer
 is their numbers, `[i][j]`, sorted. The insight's needle in each document is the sentence
 closest to it (token F1). Documents are truncated by sentences or padded with filler
@@ -10,7 +11,8 @@ Synthetic: an insight about a fictional entity, rephrased per document (hh among
 paragraphs, hl in filler), or simplified to a symbol template (lh, ll); symbolic: lists of
 4-character strings, the queried string in exactly two lists.
 
-Sources: `train`, `eval`: a topic JSON file, a JSON list of topics, or a directory of them.
+Sources: `train`, `eval`: a topic JSON file, a JSON list of topics, JSONL (one topic per
+line), or a directory of them.
 
 Example:
     >>> from tasks import summhay
@@ -30,7 +32,7 @@ from pathlib import Path
 from tasks import fiction
 from tasks import symbols as sym
 from tasks.build import (BuildResult, DataError, count, generate, in_eval_partition, make_example, read_json,
-                         request, resolve_options, same_file, source_path)
+                         read_jsonl, request, resolve_options, same_file, source_path)
 from tasks.example import Example
 from tasks.fitting import Draft, FitRequest, Segment, TokenCounter, fit_stream
 from tasks.haystack import filler_stream, take_tokens
@@ -45,7 +47,7 @@ SOURCES = ("train", "eval")
 N_DOCS = 10
 OPTIONS = {
     "n_documents": N_DOCS,
-    "limited_subtopics": [],  # real_limited: subtopic ids or names kept; empty -> the first of each topic
+    "limited_subtopics": [],  # real_limited: subtopic ids, names or descriptions kept; empty: the first of each topic
     "distractor_insights": 2,  # synthetic: other insights per document
     **fiction.OPTIONS_DEFAULTS,
 }
@@ -121,24 +123,56 @@ def _example(fitted, variant, split, index, seed, cited, meta):
 
 
 def load_topics(path: Path) -> list[dict]:
-    files = sorted(path.glob("*.json")) if path.is_dir() else [path]
+    """SummHay topics ("haystacks") from a topic file, a JSON list of them, JSONL, or a directory.
+
+    The format is the one of `data/topic_*.json` in salesforce/summary-of-a-haystack: a topic
+    object with `topic_id`, `topic`, `topic_metadata`, `subtopics` (each with `subtopic_id`,
+    `subtopic_name`, `subtopic`, `insights` of {`insight_name`, `insight`, `insight_id`},
+    `query`, `retriever`, `summaries`, `eval_summaries`) and `documents` (each with
+    `document_id`, `document_text`, `document_metadata`, `insights_included`: insight ids,
+    plus `idx` and `label_<id>` columns). JSONL (one topic per line) is what the Hugging Face
+    copy of the data set exports to. Only the keys read here are required.
+    """
+    files = sorted(f for f in path.iterdir() if f.name.endswith((".json", ".jsonl", ".jsonl.gz"))) \
+        if path.is_dir() else [path]
+    if not files:
+        raise DataError(f"{path}: no SummHay topic files (*.json, *.jsonl) in this directory")
     topics = []
     for f in files:
-        data = read_json(f, "a SummHay topic object (or a list of them)")
-        for t_i, topic in enumerate(data if isinstance(data, list) else [data]):
-            where = f"{f} topic {t_i}"
-            if not isinstance(topic, dict) or "subtopics" not in topic or "documents" not in topic:
-                raise DataError(f"{where}: expected keys 'subtopics' and 'documents' (SummHay topic format)")
-            for s in topic["subtopics"]:
-                for ins in s.get("insights", []):
-                    if "insight_id" not in ins or "insight" not in ins:
-                        raise DataError(f"{where}: subtopic {s.get('subtopic_id')} insight lacks 'insight_id'/'insight'")
-            for j, doc in enumerate(topic["documents"]):
-                if "document_text" not in doc or "insights_included" not in doc:
-                    raise DataError(f"{where}: documents[{j}] lacks 'document_text'/'insights_included'")
-            topic["_where"] = where
-            topics.append(topic)
+        if f.name.endswith((".jsonl", ".jsonl.gz")):
+            found = [(f"{f}:{lineno}", rec) for lineno, rec in read_jsonl(f, (), "SummHay topic")]
+        else:
+            data = read_json(f, "a SummHay topic object (or a list of them)")
+            found = [(f"{f} topic {i}", t) for i, t in enumerate(data if isinstance(data, list) else [data])]
+        for where, topic in found:
+            topics.append(_checked_topic(topic, where))
     return topics
+
+
+def _checked_topic(topic, where: str) -> dict:
+    """`topic` after checking the keys this loader reads; errors name the place and the key."""
+    if not isinstance(topic, dict) or not isinstance(topic.get("subtopics"), list) or \
+            not isinstance(topic.get("documents"), list):
+        raise DataError(f"{where}: expected a SummHay topic with lists 'subtopics' and 'documents'")
+    for s_i, sub in enumerate(topic["subtopics"]):
+        if not isinstance(sub, dict) or not isinstance(sub.get("insights"), list):
+            raise DataError(f"{where}: subtopics[{s_i}] lacks the list 'insights'")
+        for i_i, ins in enumerate(sub["insights"]):
+            if not isinstance(ins, dict) or not isinstance(ins.get("insight_id"), str) or \
+                    not isinstance(ins.get("insight"), str):
+                raise DataError(f"{where}: subtopics[{s_i}].insights[{i_i}] lacks 'insight_id'/'insight' (strings)")
+    for j, doc in enumerate(topic["documents"]):
+        if not isinstance(doc, dict) or not isinstance(doc.get("document_text"), str) or \
+                not isinstance(doc.get("insights_included"), list):
+            raise DataError(f"{where}: documents[{j}] lacks 'document_text' (string) / 'insights_included' (list)")
+    return {**topic, "_where": where}
+
+
+def _kept_subtopic(sub: dict, index: int, keep) -> bool:
+    """real_limited: subtopics named in `keep` (id, short name or description); else the first."""
+    if not keep:
+        return index == 0
+    return any(sub.get(k) in keep for k in ("subtopic_id", "subtopic_name", "subtopic"))
 
 
 def needle_sentence(text: str, insight: str) -> tuple[int, str]:
@@ -149,19 +183,17 @@ def needle_sentence(text: str, insight: str) -> tuple[int, str]:
 
 
 def build_real(variant, sources, opts, counter, target, n, seed, split) -> BuildResult:
-    topics = load_topics(source_path(sources, "train" if split == "train" else "eval", NAME, SOURCES))
+    key = "train" if split == "train" else "eval"
+    topics = load_topics(source_path(sources, key, NAME, SOURCES, allow_dir=True))
     rng = random.Random(seed)
     dropped: dict[str, int] = Counter()
     candidates = []
     for topic in topics:
         for s_i, sub in enumerate(topic["subtopics"]):
-            if variant == "real_limited":
-                keep = opts["limited_subtopics"]
-                if (keep and sub.get("subtopic_id") not in keep and sub.get("subtopic") not in keep) or \
-                        (not keep and s_i != 0):
-                    dropped["subtopic_not_limited"] += len(sub.get("insights", []))
-                    continue
-            for ins in sub.get("insights", []):
+            if variant == "real_limited" and not _kept_subtopic(sub, s_i, opts["limited_subtopics"]):
+                dropped["subtopic_not_limited"] += len(sub["insights"])
+                continue
+            for ins in sub["insights"]:
                 if same_file(sources, "train", "eval") and in_eval_partition(ins["insight_id"], seed) != (split == "eval"):
                     continue
                 having = [d for d in topic["documents"] if ins["insight_id"] in d["insights_included"]]

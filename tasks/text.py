@@ -33,6 +33,20 @@ def normalize_answer(s: str) -> str:
     return " ".join(s.split())
 
 
+def contains_answer(normalized_text: str, normalized_answers: Iterable[str]) -> bool:
+    """Whether any answer occurs as whole tokens in `normalized_text` (both SQuAD-normalized).
+
+    Token-level, not substring: the one-letter answer "s" matches the token "s" but not every
+    passage with an "s" in it, and "U.S." (normalized "us") does not match "bus".
+
+    Args:
+        normalized_text: `normalize_answer(text)`, computed once per passage.
+        normalized_answers: `normalize_answer(a)` of each gold answer; empty ones never match.
+    """
+    padded = f" {normalized_text} "
+    return any(a and f" {a} " in padded for a in normalized_answers)
+
+
 def token_f1(prediction: str, gold: str) -> float:
     """Token-level F1 between normalized prediction and gold (SQuAD)."""
     pred, ref = normalize_answer(prediction).split(), normalize_answer(gold).split()

@@ -58,3 +58,13 @@ def test_single_unit_larger_than_tolerance_is_filled_with_filler(char_tok):
                  unit_texts=units)
     assert fitted.n_units == 2 and fitted.n_filler_words > 0
     assert within_tolerance(fitted.n_tokens, 400) and len(fitted.prompt) == fitted.n_tokens
+
+
+def test_counts_ignore_a_saved_truncation_setting(char_tok):
+    import copy
+
+    tok = copy.deepcopy(char_tok)
+    tok.backend_tokenizer.enable_truncation(max_length=100)
+    counter = TokenCounter(tok)
+    assert counter.count("x" * 500) == 500 and counter.counts(["y" * 300]) == [300]
+    assert tok.backend_tokenizer.truncation is not None  # the caller's tokenizer is left as it was

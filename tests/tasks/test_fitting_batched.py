@@ -99,3 +99,18 @@ def test_fit_stream_stops_at_n_like_one_at_a_time(merging_tokenizer):
     for _, f in out:
         if f is not None:
             assert within_tolerance(len(merging_tokenizer(f.prompt, add_special_tokens=False)["input_ids"]), 1000)
+
+
+def test_first_prompt_alone_teaches_the_batch_its_boundary_drift(merging_tokenizer):
+    # "abc" alone is 1 token but each join adds 2 ("abcabc" is 3): the cached estimate is far
+    # under. The first prompt is verified alone; the drift it shows lets the other 63 land in
+    # the window at their first exact count.
+    counter = TokenCounter(merging_tokenizer)
+    units = ["abc"] * 3000
+    reqs = [(FitRequest(lambda k: Draft("read:", [Segment(u) for u in units[:k]], "?"), len(units), 2000 + 10 * i,
+                        "pq abc", unit_texts=units), i) for i in range(64)]
+
+    out = list(fit_stream(counter, reqs))
+
+    assert all(within_tolerance(f.n_tokens, 2000 + 10 * i) for i, f in out)
+    assert counter.prompts_counted <= 64 + 2  # the pilot's own repair, then one count per prompt
