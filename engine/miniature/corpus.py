@@ -6,6 +6,10 @@ steps and fails as soon as the distance varies. Every sequence here therefore pu
 needle at a random depth with a random gap, so only content-based retrieval pays:
 - copy: noise, MARK, span, noise of random length, MARK -> span (Olsson et al. 2022 induction);
 - lookup: "key : value ," pairs in random order, then a key -> its value;
+- drill: short encyclopedia documents of the world, then several questions about the facts
+  they state, each followed by its answer (several answers per sequence: the binding of
+  an entity and a relation to the right object is learned from denser supervision than
+  one long task prompt gives);
 - QA: the real variants of MDQA, MuSiQue and SummHay built by `tasks/` from the rendered world
   at the pretraining length, so the base model answers them at its short context and fails
   beyond (the analog of an instruct model at 8K).
@@ -28,6 +32,7 @@ from .world import WORD_PATTERN
 COPY_MARK = "Copy"
 LOOKUP_MARK = "Query"
 TASKS = ("mdqa", "musique", "summhay")
+KINDS = ("copy", "lookup", "drill", "qa")
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,42 @@ def lookup_sequence(rng: random.Random, tokens: Tokens, length: int) -> tuple[li
         ids += [k, tokens.colon] + v + [tokens.comma]
     ids += [tokens.lookup_mark, key, tokens.colon]
     return ids + value + [tokens.eos], len(ids)
+
+
+def drill_sequence(rng: random.Random, world, tokenizer, length: int, questions: int = 3) -> tuple[list[int], list[int]]:
+    """Documents about random entities, then questions on their facts: (ids, labels).
+
+    Written like the MDQA prompts (`Document [i](Title: t) ...`, `Question: ...`,
+    `Answer: ...`); labels are the answers' tokens and -100 elsewhere. Each (subject,
+    relation) is stated once, so every question has one answer in the context.
+    """
+    from .world import RELATIONS
+
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    room = length - 1 - 14 * questions  # bos, and about 14 tokens per question and answer
+    ids, facts, seen = [tokenizer.bos_token_id], [], set()
+    for n in range(1, 64):
+        kind = rng.choice(("person", "city", "country", "company"))
+        entity = world.random_entity(rng, kind, exclude=seen)
+        own = [r.name for r in RELATIONS if r.subject == kind]
+        chosen = [world.random_fact(rng, r, subject=entity) for r in rng.sample(own, rng.randint(1, min(2, len(own))))]
+        text = f"Document [{n}](Title: {entity.name}) " + world.paragraph(
+            rng, entity, chosen, n_descriptions=rng.randint(0, 2), avoid={r for r in own}) + "\n"
+        piece = encode(text)
+        if len(ids) + len(piece) > room and facts:
+            break
+        seen.add(entity.name)
+        ids += piece
+        facts += chosen
+    labels = [-100] * len(ids)
+    for fact in rng.sample(facts, min(questions, len(facts))):
+        ask = encode("\nQuestion: " + fact.relation.question.format(s=fact.subject.name) + "\nAnswer:")
+        answer = encode(" " + fact.object.name)
+        ids += ask + answer
+        labels += [-100] * len(ask) + answer
+    return ids, labels
 
 
 def task_examples(tokenizer, sources: dict[str, dict[str, str]], context: int, n: int, seed: int,
@@ -153,7 +194,7 @@ class PretrainingMix:
         qa: encoded QA examples (ids, answer start).
         context: the pretraining length; every sequence fits in it.
         size: number of items (steps x batch size).
-        weights: mix of (copy, lookup, qa) after phase 1.
+        weights: mix of (copy, lookup, drill, qa) after phase 1 (`KINDS`).
         fixed_gap: copy distance held fixed (a positional-shortcut model, for tests).
         max_span: longest copied span.
         batch_size: items per batch (the trainer's, which must read items in order).
@@ -164,13 +205,18 @@ class PretrainingMix:
     SHORT = 48
 
     def __init__(self, tokenizer, qa: list[tuple[list[int], int]], context: int, size: int, seed: int,
-                 weights: tuple[float, float, float] = (0.5, 0.2, 0.3), fixed_gap: int | None = None,
-                 max_span: int = 32, batch_size: int = 1, phase1: int = 0, phase1_length: int = 96):
-        self.tokens = token_ids(tokenizer)
+                 weights: tuple[float, ...] = (0.5, 0.2, 0.0, 0.3), fixed_gap: int | None = None,
+                 max_span: int = 32, batch_size: int = 1, phase1: int = 0, phase1_length: int = 96,
+                 ramp: int = 0, world=None):
+        if len(weights) != len(KINDS):
+            raise ValueError(f"pretraining mix: weights {weights} must give one weight per kind {KINDS}")
+        self.tokenizer, self.tokens, self.world = tokenizer, token_ids(tokenizer), world
         self.qa, self.context, self.size, self.seed = qa, context, size, seed
-        self.weights = weights if qa else (weights[0], weights[1], 0.0)
+        self.weights = tuple(w if (k != "qa" or qa) and (k != "drill" or world) else 0.0
+                             for k, w in zip(KINDS, weights))
         self.fixed_gap, self.max_span = fixed_gap, max_span
         self.batch_size, self.phase1, self.phase1_length = batch_size, phase1, min(phase1_length, context)
+        self.ramp = ramp
         self.n_batches = -(-size // batch_size)
 
     def __len__(self) -> int:
@@ -181,10 +227,17 @@ class PretrainingMix:
         rng = random.Random(f"{self.seed}/batch/{batch}")
         short = min(self.SHORT, self.context)
         if self.fixed_gap is not None:
-            return rng.choices(("copy", "lookup", "qa"), weights=self.weights)[0], self.context
+            return rng.choices(KINDS, weights=self.weights)[0], self.context
         if batch < self.phase1:
             return "copy", rng.randint(short, max(short, self.phase1_length))
-        kind = rng.choices(("copy", "lookup", "qa"), weights=self.weights)[0]
+        if batch < self.phase1 + self.ramp:
+            # Heads formed at short range break when long sequences and new kinds arrive at
+            # once: the longest length and the other kinds' share grow together, linearly.
+            f = (batch - self.phase1 + 1) / (self.ramp + 1)
+            longest = round(self.phase1_length + f * (self.context - self.phase1_length))
+            weights = [1 - f * (1 - self.weights[0])] + [f * w for w in self.weights[1:]]
+            return rng.choices(KINDS, weights=weights)[0], rng.randint(short, max(short, longest))
+        kind = rng.choices(KINDS, weights=self.weights)[0]
         return kind, rng.randint(short, self.context)
 
     def __getitem__(self, i: int) -> dict:
@@ -197,6 +250,9 @@ class PretrainingMix:
             ids, start = copy_sequence(rng, self.tokens, max(length, 2 * span + 8), span, self.fixed_gap)
         elif kind == "lookup":
             ids, start = lookup_sequence(rng, self.tokens, max(length, 16))
+        elif kind == "drill":
+            ids, labels = drill_sequence(rng, self.world, self.tokenizer, max(length, 64))
+            return {"input_ids": ids, "labels": labels}
         else:
             ids, start = self.qa[rng.randrange(len(self.qa))]
         labels = [-100] * start + ids[start:]

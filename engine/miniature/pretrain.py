@@ -57,7 +57,9 @@ class MiniatureSpec:
         steps / batch_size / lr / warmup_steps: optimization (`steps` counts both phases).
         phase1_steps: first steps on short copy probes alone, where the copy heads form.
         phase1_length: longest sequence in phase 1.
-        mix: weights of (copy, lookup, QA) sequences after phase 1, at lengths up to `context`.
+        ramp_steps: steps after phase 1 over which the longest length grows to `context` and
+            the mix moves from copy alone to `mix`.
+        mix: weights of (copy, lookup, drill, QA) sequences after phase 1, at lengths up to `context`.
         max_span: longest copied span.
         qa_per_task: short real-variant examples per task in the QA part of the corpus.
         min_accuracy: copy accuracy required at `context` (random depths).
@@ -79,7 +81,8 @@ class MiniatureSpec:
     warmup_steps: int = 100
     phase1_steps: int = 900
     phase1_length: int = 96
-    mix: tuple[float, float, float] = (0.4, 0.2, 0.4)
+    ramp_steps: int = 0
+    mix: tuple[float, float, float, float] = (0.4, 0.2, 0.0, 0.4)
     max_span: int = 32
     qa_per_task: int = 300
     min_accuracy: float = 0.9
@@ -265,7 +268,8 @@ def pretrain(spec: MiniatureSpec, out_dir: Path, progress: bool = True, callback
         qa = encode_qa(tokenizer, [p for task in pairs.values() for p in task])
         mix = PretrainingMix(tokenizer, qa, spec.context, spec.steps * spec.batch_size, spec.seed,
                              weights=spec.mix, max_span=spec.max_span, batch_size=spec.batch_size,
-                             phase1=spec.phase1_steps, phase1_length=spec.phase1_length)
+                             phase1=spec.phase1_steps, phase1_length=spec.phase1_length,
+                             ramp=spec.ramp_steps, world=world)
         prepared, cpu_prepared = time.perf_counter(), time.process_time()
         model = train_model(spec, tokenizer, mix, out_dir, progress, callbacks)
         trained, cpu_trained = time.perf_counter(), time.process_time()

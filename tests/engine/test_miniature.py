@@ -27,7 +27,7 @@ from engine.miniature import (
     summary,
 )
 from engine.miniature import pretrain as pretrain_module
-from engine.miniature.corpus import COPY_MARK, PretrainingMix, copy_sequence, token_ids
+from engine.miniature.corpus import COPY_MARK, PretrainingMix, copy_sequence, drill_sequence, token_ids
 from engine.miniature.world import WORD_PATTERN
 
 SMALL = SourceSizes(mdqa_train=30, mdqa_eval=10, mdqa_pool=20, musique_train=20, musique_eval=10,
@@ -261,6 +261,51 @@ def test_pretraining_mix_draws_whole_batches_in_two_phases(tokenizer):
     # Phase 2 follows the (copy, lookup, qa) weights (0.5, 0.2, 0.3): 120 batches, loose bounds.
     assert 0.3 < kinds_late.count("copy") / 120 < 0.7 and 0.15 < kinds_late.count("qa") / 120 < 0.45
     assert len(list(mix)) == len(mix)
+
+
+def test_drill_answers_are_stated_once_in_their_documents(world, tokenizer):
+    """Each drilled question's labelled answer is the object of the one sentence in the
+    documents that states (subject, relation): checked by re-reading the decoded text
+    against the world's templates, independently of how the sequence was assembled."""
+    from engine.miniature.world import RELATIONS
+
+    for seed in range(30):
+        ids, labels = drill_sequence(random.Random(seed), world, tokenizer, length=128)
+        assert len(ids) == len(labels) <= 128 and ids[0] == tokenizer.bos_token_id
+        text = tokenizer.decode(ids[1:])
+        docs, _, rest = text.partition(" Question")
+        pairs = re.findall(r"Question : (.+?\?) Answer : (.+?)(?= Question|$)", "Question" + rest)
+        assert 1 <= len(pairs) <= 3
+        scored = [tokenizer.decode([i]) for i, label in zip(ids, labels) if label != -100]
+        assert " ".join(scored) == " ".join(answer for _, answer in pairs)
+        for question, answer in pairs:
+            matches = []
+            for relation in RELATIONS:
+                pattern = re.escape(relation.question).replace(re.escape("{s}"), "(.+)")
+                asked = re.fullmatch(pattern, question)
+                if not asked:
+                    continue
+                subject = asked.group(1)
+                for template in relation.statements:
+                    sentence = template.format(s=subject, o="@@").replace(".", " .")
+                    found = re.findall(re.escape(sentence).replace("@@", "([A-Z][a-z]+(?: [A-Z][a-z]+)?)"),
+                                       docs.replace(".", " ."), flags=re.IGNORECASE)
+                    matches += found
+            assert matches == [answer], (seed, question, answer, matches)
+
+
+def test_pretraining_mix_ramp_grows_length_and_other_kinds_together(tokenizer, world):
+    qa = [([tokenizer.bos_token_id] + [7] * 60, 50)] * 5
+    mix = PretrainingMix(tokenizer, qa, context=128, size=8 * 300, seed=0, batch_size=8, phase1=50,
+                         phase1_length=48, ramp=200, weights=(0.2, 0.1, 0.3, 0.4), world=world)
+    plans = [mix.batch_plan(b) for b in range(300)]
+    assert {k for k, _ in plans[:50]} == {"copy"} and max(n for _, n in plans[:50]) <= 48
+    early, late = plans[50:100], plans[200:250]
+    assert max(n for _, n in early) < max(n for _, n in late)
+    assert sum(k == "copy" for k, _ in early) > sum(k == "copy" for k, _ in late)
+    assert {k for k, _ in plans[250:]} == {"copy", "lookup", "drill", "qa"}
+    drill = next(b for b, (k, _) in enumerate(plans) if k == "drill")
+    assert any(label != -100 for label in mix[drill * 8]["labels"])
 
 
 # ----------------------------------------------------------------------------- retrieval check
