@@ -131,6 +131,10 @@ def cmd_demo(args) -> int:
     exp = load_experiment(DEMO_YAML, overrides=overrides)
     report = run_experiment(exp)
     print_summary(exp.resolved_run_dir(), console)
+    timings = exp.resolved_run_dir() / "timings.json"
+    if timings.is_file():
+        spent = json.loads(timings.read_text())
+        console.print("wall seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in spent.items()))
     console.print(f"\n[bold green]report:[/] {report}")
     return 0
 

@@ -12,8 +12,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -323,26 +325,42 @@ def run_experiment(experiment: Experiment, stages: Sequence[str] = cfg.STAGES) -
     store = RunStore(experiment.resolved_run_dir())
     store.save_config(cfg.to_dict(experiment), experiment.name)
     runs = cfg.expand(experiment)
-    base_model = base_model_path(experiment)
+    timer = StageTimer(store)
+    with timer("base_model"):
+        base_model = base_model_path(experiment)
     if experiment.model.path == "miniature":
         meta = Path(base_model) / "miniature.json"
         write_json(read_json(meta), store.path("base_model.json"))
     init_ray()
-    if "data" in stages:
-        build_data(experiment, store, runs, base_model)
-    if "train" in stages:
-        train_models(experiment, store, runs, base_model)
-    if "evaluate" in stages:
-        evaluate_models(experiment, store, runs, base_model)
-    if "knockout" in stages:
-        run_knockouts(experiment, store, runs, base_model)
-    if "patching" in stages:
-        run_patchings(experiment, store, runs, base_model)
+    steps = {"data": build_data, "train": train_models, "evaluate": evaluate_models,
+             "knockout": run_knockouts, "patching": run_patchings}
+    for stage, step in steps.items():
+        if stage in stages:
+            with timer(stage):
+                step(experiment, store, runs, base_model)
     if "report" in stages:
-        report = write_reports(experiment, store, runs)
+        with timer("report"):
+            report = write_reports(experiment, store, runs)
         write_json({"report": str(report)}, store.path("report", "latest.json"))
         return report
     return store.root
+
+
+class StageTimer:
+    """Wall seconds of each stage of this invocation, in `timings.json` (skipped stages take ~0)."""
+
+    def __init__(self, store: RunStore):
+        self.path = store.path("timings.json")
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = round(time.perf_counter() - started, 1)
+            write_json({**self.seconds, "total": round(sum(self.seconds.values()), 1)}, self.path)
 
 
 def plan(experiment: Experiment) -> list[dict]:

@@ -3,6 +3,7 @@ re-running only what changed, and a driver killed mid-run that resumes to the sa
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -88,6 +89,10 @@ def test_every_stage_writes_its_artifacts(finished_run):
     assert preds.num_rows == n_eval and len(set(preds.column("id").to_pylist())) == n_eval
     knock = pq.read_table(run_dir / "knockout/mdqa/real/knockout.parquet").to_pylist()
     assert {(r["k"], r["selection"]) for r in knock} >= {(1, "top"), (1, "random"), (2, "top")}
+    timings = json.loads((run_dir / "timings.json").read_text())
+    stages = ["base_model", "data", "train", "evaluate", "knockout", "patching", "report"]
+    assert list(timings) == [*stages, "total"] and all(timings[s] > 0 for s in stages[1:])
+    assert timings["total"] == pytest.approx(sum(timings[s] for s in stages), abs=0.1)
     text = report.read_text()
     for heading in ("Table 1", "Tables 5-10", "Table 4", "Table 2", "Tables 3, 11", "Figure 3", "Findings"):
         assert heading in text
