@@ -133,8 +133,11 @@ def cmd_demo(args) -> int:
     print_summary(exp.resolved_run_dir(), console)
     timings = exp.resolved_run_dir() / "timings.json"
     if timings.is_file():
+        from engine.config import STAGES
+
         spent = json.loads(timings.read_text())
-        console.print("wall seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in spent.items()))
+        order = [s for s in ("base_model", *STAGES, "total") if s in spent]
+        console.print("wall seconds: " + ", ".join(f"{s} {spent[s]:.0f}" for s in order))
     console.print(f"\n[bold green]report:[/] {report}")
     return 0
 

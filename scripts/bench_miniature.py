@@ -36,7 +36,10 @@ def parse_spec(overrides: list[str]) -> MiniatureSpec:
         key, _, value = item.partition("=")
         if key not in fields:
             raise SystemExit(f"unknown spec field {key!r}; fields: {sorted(fields)}")
-        values[key] = json.loads(value) if key == "mix" else type(getattr(MiniatureSpec(), key))(value)
+        try:
+            values[key] = json.loads(value)  # numbers, lists, null
+        except json.JSONDecodeError:
+            values[key] = value  # plain strings, e.g. on_failed_check=warn
     return MiniatureSpec(**values)
 
 
@@ -87,12 +90,28 @@ def final_answers(spec: MiniatureSpec, model_dir: Path, n: int) -> dict:
     return out
 
 
+def raised_base_copy(spec: MiniatureSpec, model_dir: Path, rope_bases: list[float]) -> dict:
+    """Copy accuracy at random depths after raising the RoPE base, before any fine-tuning.
+
+    Context extension starts from here: a base that loses copying even at its own length
+    when the base is raised leaves the fine-tunes everything to repair.
+    """
+    from engine.models import load_model
+
+    tokenizer = load_tokenizer(str(model_dir))
+    lengths = [spec.context // 2, spec.context, 2 * spec.context, 4 * spec.context]
+    return {base: summary(retrieval_accuracy(load_model(str(model_dir), rope_base=base), tokenizer, lengths,
+                                             n=32, seed=3)) for base in rope_bases}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="spec fields as key=value")
     parser.add_argument("--check-every", type=int, default=250)
     parser.add_argument("--answers", type=int, default=60, help="held-out prompts per task in the final check")
     parser.add_argument("--out", default="bench_miniature.json")
+    parser.add_argument("--rope-bases", default="20000,80000",
+                        help="raised RoPE bases at which to re-check copying after pretraining")
     args = parser.parse_args()
     spec = parse_spec(args.overrides)
     log: list = []
@@ -103,6 +122,7 @@ def main() -> None:
         meta = pretrain(dataclasses.replace(spec, min_accuracy=0.0), Path(tmp), progress=False, callbacks=(check,))
         total = time.perf_counter() - start
         answers = final_answers(spec, Path(tmp), args.answers)
+        raised = raised_base_copy(spec, Path(tmp), [float(b) for b in args.rope_bases.split(",") if b])
     train = {"wall": meta["seconds"]["train"] - check.spent["wall"],
              "cpu": meta["cpu_seconds"]["train"] - check.spent["cpu"]}
     print(format_table(meta["retrieval"]))
@@ -112,11 +132,14 @@ def main() -> None:
     print("|---" * (len(answers[spec.context]) + 1) + "|")
     for length, by_task in answers.items():
         print(f"| {length} | " + " | ".join(f"{a:.2f}" for a in by_task.values()) + " |")
+    for base, by_length in raised.items():
+        print(f"copy accuracy with RoPE base {base:g}: " + ", ".join(f"{n}: {a:.2f}" for n, a in by_length.items()))
     print(f"pretraining (checks excluded): {train['wall']:.0f} s wall, {train['cpu']:.0f} s CPU, "
           f"{spec.threads} threads, load average {os.getloadavg()[0]:.1f}")
     result = {"spec": dataclasses.asdict(spec), "seconds": meta["seconds"], "cpu_seconds": meta["cpu_seconds"],
               "train_without_checks": train, "total_seconds": total, "load_average": os.getloadavg(),
-              "retrieval": meta["retrieval"], "answers": answers, "during_training": log}
+              "retrieval": meta["retrieval"], "answers": answers, "raised_rope_base_copy": raised,
+              "during_training": log}
     tmp_out = Path(f"{args.out}.tmp")
     tmp_out.write_text(json.dumps(result, indent=2))
     os.replace(tmp_out, args.out)

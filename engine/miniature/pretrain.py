@@ -54,6 +54,8 @@ class MiniatureSpec:
     Attributes:
         seed: world and training seed.
         n_layers / n_heads / n_kv_heads / hidden / intermediate: Llama dimensions (GQA).
+        head_dim: per-head width (default hidden / n_heads). RoPE rotates head_dim / 2
+            frequency pairs; with few pairs, raising the base moves even the fast ones a lot.
         context: pretraining length in tokens.
         rope_base: RoPE base during pretraining.
         steps / batch_size / lr / warmup_steps: optimization (`steps` counts both phases).
@@ -73,6 +75,7 @@ class MiniatureSpec:
     n_layers: int = 3
     n_heads: int = 4
     n_kv_heads: int = 2
+    head_dim: int | None = None
     hidden: int = 128
     intermediate: int = 384
     context: int = 128
@@ -175,6 +178,7 @@ def llama_config(spec: MiniatureSpec, tokenizer):
         num_hidden_layers=spec.n_layers,
         num_attention_heads=spec.n_heads,
         num_key_value_heads=spec.n_kv_heads,
+        head_dim=spec.head_dim or spec.hidden // spec.n_heads,
         max_position_embeddings=spec.context * 32,
         rope_parameters={"rope_type": "default", "rope_theta": float(spec.rope_base)},
         bos_token_id=tokenizer.bos_token_id,

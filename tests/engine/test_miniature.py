@@ -407,3 +407,19 @@ def test_failed_check_in_warn_mode_keeps_the_model_and_flags_it(tmp_path):
     assert check["passed"] is False and check["min_accuracy"] == 0.99
     with pytest.raises(ValueError, match="on_failed_check"):
         MiniatureSpec(on_failed_check="ignore")
+
+
+def test_head_dim_widens_heads_without_changing_the_residual_width(tokenizer):
+    from transformers import LlamaForCausalLM
+
+    from engine.models import architecture
+
+    default = LlamaForCausalLM(pretrain_module.llama_config(TINY, tokenizer))
+    wide = LlamaForCausalLM(pretrain_module.llama_config(MiniatureSpec(**{**TINY.__dict__, "head_dim": 48}),
+                                                         tokenizer))
+    attn = wide.model.layers[0].self_attn
+    assert (attn.q_proj.in_features, attn.q_proj.out_features) == (32, 2 * 48)
+    assert (attn.k_proj.out_features, attn.o_proj.in_features) == (1 * 48, 2 * 48)
+    assert architecture(wide).head_dim == 48 and architecture(default).head_dim == 32 // 2
+    ids = torch.tensor([[tokenizer.bos_token_id, 5, 6, 7]])
+    assert wide(ids).logits.shape == (1, 4, len(tokenizer))
