@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -110,6 +111,7 @@ def main() -> None:
     parser.add_argument("--check-every", type=int, default=250)
     parser.add_argument("--answers", type=int, default=60, help="held-out prompts per task in the final check")
     parser.add_argument("--out", default="bench_miniature.json")
+    parser.add_argument("--keep", help="copy the pretrained model directory here")
     parser.add_argument("--rope-bases", default="20000,80000",
                         help="raised RoPE bases at which to re-check copying after pretraining")
     args = parser.parse_args()
@@ -123,6 +125,8 @@ def main() -> None:
         total = time.perf_counter() - start
         answers = final_answers(spec, Path(tmp), args.answers)
         raised = raised_base_copy(spec, Path(tmp), [float(b) for b in args.rope_bases.split(",") if b])
+        if args.keep:
+            shutil.copytree(tmp, args.keep, dirs_exist_ok=True)
     train = {"wall": meta["seconds"]["train"] - check.spent["wall"],
              "cpu": meta["cpu_seconds"]["train"] - check.spent["cpu"]}
     print(format_table(meta["retrieval"]))

@@ -64,6 +64,11 @@ class MiniatureSpec:
         ramp_steps: steps after phase 1 over which the longest length grows to `context` and
             the mix moves from copy alone to `mix`.
         mix: weights of (copy, lookup, drill, QA) sequences after phase 1, at lengths up to `context`.
+        rope_jitter: after phase 1, every other step on average trains at a RoPE base drawn
+            log-uniformly from [rope_base, rope_base * rope_jitter] (1: off); the rest, and the
+            saved model, keep `rope_base`.
+            A large model tolerates a raised base at its own length; a tiny one with few
+            frequency pairs does not unless trained to (see `rope_jitter_callback`).
         max_span: longest copied span.
         qa_per_task: short real-variant examples per task in the QA part of the corpus.
         min_accuracy: copy accuracy required at `context` (random depths).
@@ -88,6 +93,7 @@ class MiniatureSpec:
     phase1_length: int = 96
     ramp_steps: int = 800
     mix: tuple[float, float, float, float] = (0.3, 0.05, 0.0, 0.65)
+    rope_jitter: float = 1.0
     max_span: int = 32
     qa_per_task: int = 1000
     min_accuracy: float = 0.9
@@ -219,6 +225,8 @@ def train_model(spec: MiniatureSpec, tokenizer, mix, work_dir: Path, progress: b
         train_sampling_strategy="sequential",
     )
     callbacks = ([rich_progress(spec.steps)] if progress else []) + list(callbacks)
+    if spec.rope_jitter > 1:  # first, so that other callbacks' checks see the real base
+        callbacks.insert(0, rope_jitter_callback(spec))
     trainer = Trainer(model=model, args=args, train_dataset=mix, callbacks=callbacks,
                       data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
     # Only the rich bar reports progress: the default printer would dump every log dict.
@@ -226,6 +234,48 @@ def train_model(spec: MiniatureSpec, tokenizer, mix, work_dir: Path, progress: b
     trainer.train()
     shutil.rmtree(work_dir / "trainer", ignore_errors=True)
     return model.eval()
+
+
+def inv_freq(base: float, head_dim: int) -> torch.Tensor:
+    """RoPE inverse frequencies of the default rope type (Su et al. 2021)."""
+    return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+
+
+def rope_jitter_callback(spec: MiniatureSpec):
+    """After phase 1, trains half the steps (drawn by a generator seeded by step) at a RoPE
+    base drawn log-uniformly from [rope_base, rope_base * rope_jitter], the rest at `rope_base`.
+
+    Positions never exceed the context, so the model still fails beyond it; what it learns is
+    to keep attending by content when the angles of its positions shrink, as a raised base
+    makes them shrink. Measured without it: raising the base 10,000 -> 80,000 drops copy
+    accuracy at 64 tokens from 0.97 to 0.13 before any fine-tuning.
+    """
+    import math
+    import random
+
+    from transformers import TrainerCallback
+
+    head_dim = spec.head_dim or spec.hidden // spec.n_heads
+
+    def set_base(model, base: float) -> None:
+        rotary = model.model.rotary_emb
+        rotary.inv_freq.copy_(inv_freq(base, head_dim).to(rotary.inv_freq.device))
+
+    class RopeJitter(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            base = spec.rope_base
+            rng = random.Random(f"{spec.seed}/rope/{state.global_step}")
+            if state.global_step >= spec.phase1_steps and rng.random() < 0.5:
+                base = spec.rope_base * math.exp(rng.random() * math.log(spec.rope_jitter))
+            set_base(model, base)
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            set_base(model, spec.rope_base)  # checks and saves between steps see the real base
+
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            set_base(model, spec.rope_base)
+
+    return RopeJitter()
 
 
 def rich_progress(total: int):

@@ -423,3 +423,31 @@ def test_head_dim_widens_heads_without_changing_the_residual_width(tokenizer):
     assert architecture(wide).head_dim == 48 and architecture(default).head_dim == 32 // 2
     ids = torch.tensor([[tokenizer.bos_token_id, 5, 6, 7]])
     assert wide(ids).logits.shape == (1, 4, len(tokenizer))
+
+
+def test_rope_jitter_trains_at_raised_bases_after_phase_one_and_restores_the_base(tokenizer):
+    import math
+    from types import SimpleNamespace
+
+    from transformers import LlamaForCausalLM
+
+    spec = MiniatureSpec(**{**TINY.__dict__, "phase1_steps": 3, "rope_jitter": 8.0})
+    model = LlamaForCausalLM(pretrain_module.llama_config(spec, tokenizer))
+    jitter = pretrain_module.rope_jitter_callback(spec)
+    head_dim = spec.hidden // spec.n_heads
+
+    def base_of(inv_freq):  # inv_freq[1] = base ** (-2 / head_dim)
+        return float(inv_freq[1]) ** (-head_dim / 2)
+
+    original = model.model.rotary_emb.inv_freq.clone()
+    assert base_of(original) == pytest.approx(spec.rope_base, rel=1e-4)
+    seen = []
+    for step in range(12):  # steps 0-2: phase 1; then about half raised
+        jitter.on_step_begin(None, SimpleNamespace(global_step=step), None, model=model)
+        seen.append(base_of(model.model.rotary_emb.inv_freq))
+        jitter.on_step_end(None, SimpleNamespace(global_step=step), None, model=model)
+        assert torch.equal(model.model.rotary_emb.inv_freq, original)
+    assert seen[:3] == pytest.approx([spec.rope_base] * 3, rel=1e-4)
+    assert all(spec.rope_base * 0.999 <= b <= 8 * spec.rope_base * 1.001 for b in seen)
+    raised = [b for b in seen[3:] if b > spec.rope_base * 1.001]
+    assert 2 <= len(raised) <= 7 and len({round(math.log(b), 3) for b in raised}) == len(raised)
