@@ -25,6 +25,28 @@ from engine import artifacts as a
 KNOCKOUT_RATIO, KNOCKOUT_MIN_DROP = 2.0, 0.05
 # Finding 3: a positive rank correlation with a one-in-ten chance level.
 SPEARMAN_P = 0.1
+# A task's findings test something only if the real-data model does the task at all: F1 on
+# the real task of at least this much (a random pair of ten SummHay documents scores ~0.2)
+# and at least one head with a score > 0 on its own data.
+COMPETENCE_F1 = 0.25
+
+
+def task_competence(run_dir: str | Path) -> dict[str, dict]:
+    """Per task: the real-data model's F1, its head count |H_real|, and whether both clear the bar."""
+    run = Path(run_dir)
+    out = {}
+    for task in a.tasks(run):
+        variants = a.variants(run, [task])
+        reals = [v for v in variants if v == "real"] or [v for v in variants if a.base(v) == "real"]
+        if not reals:
+            continue
+        f1 = float(np.mean([a.f1(run, task, v) for v in reals]))
+        _, grids = a.task_grids(run, task)
+        heads = [int((grids[v] > 0).sum()) for v in reals if v in grids]
+        n_heads = min(heads) if heads else None
+        out[task] = {"real_f1": f1, "real_heads": n_heads,
+                     "competent": not math.isnan(f1) and f1 >= COMPETENCE_F1 and bool(n_heads)}
+    return out
 
 
 def compute_findings(run_dir: str | Path) -> dict:

@@ -25,7 +25,8 @@ from rich.table import Table
 from engine import artifacts as a
 from engine import figures
 from engine.artifacts import ReportError  # noqa: F401  (re-exported)
-from engine.findings import KNOCKOUT_MIN_DROP, KNOCKOUT_RATIO, SPEARMAN_P, compute_findings  # noqa: F401
+from engine.findings import (KNOCKOUT_MIN_DROP, KNOCKOUT_RATIO, SPEARMAN_P, COMPETENCE_F1,  # noqa: F401
+                             compute_findings, task_competence)
 from engine.store import write_text
 
 NOT_RUN = "_not run_"
@@ -56,7 +57,7 @@ def write_report(run_dir: str | Path, config_summary: Mapping | None = None) -> 
     lines += ["## Knockout (Figure 3)", "", *_knockout_md(run, tasks, fig_dir)]
     lines += ["## Score heatmaps (Figures 6-9)", "", *_heatmaps_md(run, tasks, fig_dir)]
     lines += ["## Similarity vs F1 (Figure 4)", "", *_scatter_md(run, tasks, fig_dir)]
-    lines += ["## Findings", "", *_findings_md(findings)]
+    lines += ["## Findings", "", *_competence_md(task_competence(run)), *_findings_md(findings)]
     if config_summary:
         lines += ["## Configuration", "", *_md_table(["key", "value"], _flatten(config_summary))]
     write_text(json.dumps(_json_safe(findings), indent=2), run / "report" / "findings.json")
@@ -76,6 +77,9 @@ def print_summary(run_dir: str | Path, console: Console) -> None:
     console.print(grid)
     path = run / "report" / "findings.json"
     findings = json.loads(path.read_text()) if path.is_file() else compute_findings(run)
+    warning = competence_warning(task_competence(run))
+    if warning:
+        console.print(f"[bold red]{warning}[/]")
     table = Table(title="Findings")
     for column in ("finding", "status", "evidence"):
         table.add_column(column)
@@ -244,6 +248,22 @@ def _base_model_md(run: Path) -> list[str]:
                   f"{check['min_accuracy']} at {check['length']} tokens): it does not retrieve by content at its "
                   "own length, so the head analyses and findings below do not test the paper's claims.", ""]
     return lines
+
+
+def competence_warning(competence: dict) -> str | None:
+    """One sentence naming the tasks whose real-data model does not do the task, or None."""
+    weak = {t: c for t, c in competence.items() if not c["competent"]}
+    if not weak:
+        return None
+    said = ", ".join(f"{t} (F1 {a.fmt(c['real_f1'])}, |H_real| {c['real_heads'] if c['real_heads'] is not None else '-'})"
+                     for t, c in weak.items())
+    return (f"The real-data model does not do {', '.join(weak)}: {said}, against F1 >= {COMPETENCE_F1} and at "
+            "least one head. The findings on these tasks compare noise and test nothing.")
+
+
+def _competence_md(competence: dict) -> list[str]:
+    warning = competence_warning(competence)
+    return [f"**{warning}**", ""] if warning else []
 
 
 def _findings_md(findings: dict) -> list[str]:

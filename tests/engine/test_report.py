@@ -245,3 +245,25 @@ def test_failed_base_model_check_is_flagged(tmp_path):
         "check": {"length": 128, "accuracy": 0.5, "min_accuracy": 0.9, "passed": False}}))
     assert "FAILED its content-retrieval check** (accuracy 0.50 < 0.9 at 128 tokens)" in write_report(
         tmp_path).read_text()
+
+
+def test_tasks_the_real_model_cannot_do_are_flagged(tmp_path):
+    from engine.findings import COMPETENCE_F1, task_competence
+
+    run = make_run(tmp_path / "run")
+    competence = task_competence(run)
+    assert competence["mdqa"] == {"real_f1": pytest.approx(0.8), "real_heads": 10, "competent": True}
+    assert "do not do" not in write_report(run).read_text() and "does not do" not in write_report(run).read_text()
+    # summhay: the real model falls below the bar; mdqa: it scores but no head retrieves.
+    write_eval(run, "summhay", "real", COMPETENCE_F1 - 0.01, {HEADS[0]: 0.5}, KIND_BY_TASK["summhay"])
+    write_eval(run, "mdqa", "real", 0.8, {}, KIND_BY_TASK["mdqa"])
+    competence = task_competence(run)
+    assert competence["summhay"]["competent"] is False and competence["summhay"]["real_heads"] == 1
+    assert competence["mdqa"] == {"real_f1": pytest.approx(0.8), "real_heads": 0, "competent": False}
+    text = write_report(run).read_text()
+    warning = next(line for line in text.splitlines() if "does not do" in line)
+    assert "mdqa (F1 0.800, \\|H_real\\| 0)" in warning or "mdqa (F1 0.800, |H_real| 0)" in warning
+    assert "summhay (F1 0.240" in warning and text.index(warning) > text.index("## Findings")
+    console = Console(record=True, width=200)
+    print_summary(run, console)
+    assert "does not do mdqa, summhay" in console.export_text()
