@@ -31,13 +31,18 @@ SPEARMAN_P = 0.1
 COMPETENCE_F1 = 0.25
 
 
+def real_labels(variants: list[str]) -> list[str]:
+    """The real-data models' labels: "real", or with several seeds (no plain "real" label)
+    every seed's, whose mean stands for real data."""
+    return [v for v in variants if v == "real"] or [v for v in variants if a.base(v) == "real"]
+
+
 def task_competence(run_dir: str | Path) -> dict[str, dict]:
     """Per task: the real-data model's F1, its head count |H_real|, and whether both clear the bar."""
     run = Path(run_dir)
     out = {}
     for task in a.tasks(run):
-        variants = a.variants(run, [task])
-        reals = [v for v in variants if v == "real"] or [v for v in variants if a.base(v) == "real"]
+        reals = real_labels(a.variants(run, [task]))
         if not reals:
             continue
         f1 = float(np.mean([a.f1(run, task, v) for v in reals]))
@@ -69,8 +74,7 @@ def _finding_real_best(run: Path, tasks: list[str]) -> dict:
     details = []
     for task in tasks:
         variants = a.variants(run, [task])
-        # With several seeds there is no plain "real" label; their mean stands for real data.
-        reals = [v for v in variants if v == "real"] or [v for v in variants if a.base(v) == "real"]
+        reals = real_labels(variants)
         real = float(np.mean([a.f1(run, task, v) for v in reals])) if reals else math.nan
         synth = {v: a.f1(run, task, v) for v in variants if a.base(v) in a.SYNTHETIC}
         synth = {v: f for v, f in synth.items() if not math.isnan(f)}

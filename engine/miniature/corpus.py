@@ -115,7 +115,7 @@ def drill_sequence(rng: random.Random, world, tokenizer, length: int, questions:
         own = [r.name for r in RELATIONS if r.subject == kind]
         chosen = [world.random_fact(rng, r, subject=entity) for r in rng.sample(own, rng.randint(1, min(2, len(own))))]
         text = f"Document [{n}](Title: {entity.name}) " + world.paragraph(
-            rng, entity, chosen, n_descriptions=rng.randint(0, 2), avoid={r for r in own}) + "\n"
+            rng, entity, chosen, n_descriptions=rng.randint(0, 2), avoid=set(own)) + "\n"
         piece = encode(text)
         if len(ids) + len(piece) > room and facts:
             break

@@ -236,11 +236,6 @@ def train_model(spec: MiniatureSpec, tokenizer, mix, work_dir: Path, progress: b
     return model.eval()
 
 
-def inv_freq(base: float, head_dim: int) -> torch.Tensor:
-    """RoPE inverse frequencies of the default rope type (Su et al. 2021)."""
-    return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-
-
 def rope_jitter_callback(spec: MiniatureSpec):
     """After phase 1, trains half the steps (drawn by a generator seeded by step) at a RoPE
     base drawn log-uniformly from [rope_base, rope_base * rope_jitter], the rest at `rope_base`.
@@ -250,30 +245,34 @@ def rope_jitter_callback(spec: MiniatureSpec):
     makes them shrink. Measured without it: raising the base 10,000 -> 80,000 drops copy
     accuracy at 64 tokens from 0.97 to 0.13 before any fine-tuning.
     """
+    import copy
     import math
     import random
 
     from transformers import TrainerCallback
 
-    head_dim = spec.head_dim or spec.hidden // spec.n_heads
+    from engine.models import with_rope_base
 
     def set_base(model, base: float) -> None:
         rotary = model.model.rotary_emb
-        rotary.inv_freq.copy_(inv_freq(base, head_dim).to(rotary.inv_freq.device))
+        config = with_rope_base(copy.deepcopy(model.config), base)
+        rotary.inv_freq.copy_(rotary.compute_default_rope_parameters(config)[0])
+
+    def restore(model) -> None:
+        rotary = model.model.rotary_emb
+        rotary.inv_freq.copy_(rotary.original_inv_freq)
 
     class RopeJitter(TrainerCallback):
         def on_step_begin(self, args, state, control, model=None, **kwargs):
-            base = spec.rope_base
             rng = random.Random(f"{spec.seed}/rope/{state.global_step}")
             if state.global_step >= spec.phase1_steps and rng.random() < 0.5:
-                base = spec.rope_base * math.exp(rng.random() * math.log(spec.rope_jitter))
-            set_base(model, base)
+                set_base(model, spec.rope_base * math.exp(rng.random() * math.log(spec.rope_jitter)))
 
         def on_step_end(self, args, state, control, model=None, **kwargs):
-            set_base(model, spec.rope_base)  # checks and saves between steps see the real base
+            restore(model)  # checks and saves between steps see the real base
 
         def on_train_end(self, args, state, control, model=None, **kwargs):
-            set_base(model, spec.rope_base)
+            restore(model)
 
     return RopeJitter()
 
