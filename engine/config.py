@@ -81,6 +81,7 @@ class TrainConfig:
     save_steps: int = 50
     max_failures: int = 2
     max_concurrent: int | None = None  # None: from cluster resources
+    ray_env: dict | None = None  # env of each run's Ray Train controller and workers (not hashed)
 
 
 @dataclass(frozen=True)
@@ -429,7 +430,7 @@ def data_hash(experiment: Experiment, run: Run) -> str:
 
 def train_hash(experiment: Experiment, run: Run) -> str:
     model = dataclasses.replace(experiment.model, name="")
-    config = dataclasses.replace(train_config(experiment, run), max_concurrent=None)
+    config = dataclasses.replace(train_config(experiment, run), max_concurrent=None, ray_env=None)
     return content_hash("train", data_hash(experiment, run), model, config, run.seed)
 
 

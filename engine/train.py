@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -89,6 +90,9 @@ class TrainSpec:
     save_steps: int = 50
     max_failures: int = 2
     gradient_checkpointing: bool = False  # needed for 32K contexts on 7-8B models
+    # Environment of the run's Ray Train controller and workers, e.g. Ray Train's
+    # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S or NCCL_* settings; does not change what is trained.
+    ray_env: dict | None = None
 
     def __post_init__(self):
         if self.num_workers < 1:
@@ -188,9 +192,26 @@ def _torch_trainer(spec: TrainSpec, callbacks: Sequence, run_callbacks: Sequence
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=list(run_callbacks),
             worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, int(spec.cpus_per_worker))),
-                                             "TOKENIZERS_PARALLELISM": "false"}},
+                                             "TOKENIZERS_PARALLELISM": "false",
+                                             **{k: str(v) for k, v in (spec.ray_env or {}).items()}}},
         ),
     )
+
+
+@contextlib.contextmanager
+def ray_environment(env: dict | None):
+    """`env` in this process while a TorchTrainer starts: Ray Train hands its own variables
+    (RAY_TRAIN_*) from the process calling `fit()` to the run's controller and workers."""
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update({k: str(v) for k, v in (env or {}).items()})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _checkpoint_at(spec: TrainSpec, path: str):
@@ -227,7 +248,8 @@ def train_variant(spec: TrainSpec, *, callbacks: Sequence = ()) -> TrainResult:
     if not ray.is_initialized():
         ray.init()
     started = time.perf_counter()
-    result = _torch_trainer(spec, callbacks, ()).fit()
+    with ray_environment(spec.ray_env):
+        result = _torch_trainer(spec, callbacks, ()).fit()
     return _collect(spec, result.checkpoint, time.perf_counter() - started)
 
 
@@ -249,6 +271,25 @@ def concurrent_slots(specs: Sequence[TrainSpec], resources: dict) -> int:
     return min(slots, max(1, len(specs)))
 
 
+def estimated_work(spec: TrainSpec) -> float:
+    """Relative cost of a run: bytes of training text it will read (epochs or max_steps).
+
+    Only an ordering key: the longest runs start first, so the last wave is not one long
+    run on an otherwise idle cluster. Unknown sizes (remote files) count as 0.
+    """
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.ParquetFile(spec.train_path).metadata
+    except (OSError, ValueError):
+        return 0.0
+    size = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    if spec.max_steps > 0 and meta.num_rows:
+        per_step = spec.batch_size * spec.grad_accum * spec.num_workers
+        return size * spec.max_steps * per_step / meta.num_rows
+    return size * spec.epochs
+
+
 def _variant_trial(config: dict, specs: list[dict], callbacks: Sequence, board) -> None:
     """A Tune trial: build and fit one variant's TorchTrainer, report its final checkpoint."""
     from ray import tune
@@ -256,7 +297,8 @@ def _variant_trial(config: dict, specs: list[dict], callbacks: Sequence, board) 
 
     spec = TrainSpec(**specs[config["index"]])
     started = time.perf_counter()
-    result = _torch_trainer(spec, callbacks, [TuneReportCallback()], board).fit()
+    with ray_environment(spec.ray_env):
+        result = _torch_trainer(spec, callbacks, [TuneReportCallback()], board).fit()
     tune.report({"final_checkpoint": result.checkpoint.path, "seconds": time.perf_counter() - started})
 
 
@@ -295,6 +337,8 @@ def train_all(
             todo.append(i)
         else:
             results[i] = _result_from_done(spec, done, skipped=True)
+    # Longest first: a long run started last would finish alone while the others idle.
+    todo.sort(key=lambda i: -estimated_work(specs[i]))
     if todo:
         results.update(_run_trials([specs[i] for i in todo], todo, max_concurrent, show_progress, callbacks))
     return [results[i] for i in range(len(specs))]

@@ -6,6 +6,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
 from engine.config import (
     ConfigError,
@@ -82,6 +83,15 @@ def test_hashes_stable_across_processes_and_sensitive_to_inputs(tmp_path):
     # other task untouched
     mus = next(r for r in expand(exp) if r.task == "musique")
     assert train_hash(exp, mus) == train_hash(more_data, mus)
+    # where and how runs are scheduled does not change what they train
+    scheduled = load_experiment(path, overrides=["train.max_concurrent=3"])
+    raw = yaml.safe_load(path.read_text())
+    raw.setdefault("train", {})["ray_env"] = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+    env_path = tmp_path / "env.yaml"
+    env_path.write_text(yaml.safe_dump(raw))
+    with_env = load_experiment(env_path)
+    assert with_env.train.ray_env == {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+    assert train_hash(exp, run) == train_hash(scheduled, run) == train_hash(with_env, run)
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from engine.models import load_model, load_trained, load_tokenizer, rope_base_of
-from engine.train import (TrainSpec, concurrent_slots, run_name, storage_path, train_all, train_loop_per_worker,
+from engine.train import (TrainSpec, concurrent_slots, estimated_work, ray_environment, run_name, storage_path, train_all, train_loop_per_worker,
                           train_variant)
 from engine.train_worker import IGNORE_INDEX, TrainDataError, load_examples, tokenize_example
 from tasks.example import Example, Span, to_table
@@ -113,7 +113,10 @@ def committed(spec: TrainSpec) -> str:
 
 
 class WaitForPeers(TrainerCallback):
-    """At step 1, waits until `n` runs have reached step 1: only concurrent runs get past it."""
+    """At step 1, waits until `n` runs have reached step 1: only concurrent runs get past it.
+
+    Each run's file records the worker's view of the variables its spec's `ray_env` sets.
+    """
 
     def __init__(self, directory: str, n: int, timeout: float = 150):
         self.directory, self.n, self.timeout = directory, n, timeout
@@ -121,7 +124,8 @@ class WaitForPeers(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step != 1:
             return
-        Path(self.directory, f"{os.getpid()}").touch()
+        seen = {k: os.environ.get(k) for k in ("NEEDLEWORK_TEST_RUN", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")}
+        Path(self.directory, f"{os.getpid()}").write_text(json.dumps(seen))
         deadline = time.time() + self.timeout
         while len(os.listdir(self.directory)) < self.n:
             if time.time() > deadline:
@@ -169,6 +173,35 @@ def test_concurrent_slots_from_cluster_resources(tiny_checkpoints, train_parquet
     assert concurrent_slots([gpu] * 8, {"CPU": 64.0, "GPU": 4.0}) == 2
     with pytest.raises(RuntimeError, match="cluster has only"):
         concurrent_slots([spec], {"CPU": 1.0})
+
+
+def test_ray_environment_is_set_while_starting_then_restored(monkeypatch):
+    monkeypatch.setenv("NEEDLEWORK_KEEP", "before")
+    monkeypatch.delenv("NEEDLEWORK_NEW", raising=False)
+    with ray_environment({"NEEDLEWORK_KEEP": "during", "NEEDLEWORK_NEW": 1}):
+        assert os.environ["NEEDLEWORK_KEEP"] == "during" and os.environ["NEEDLEWORK_NEW"] == "1"
+    assert os.environ["NEEDLEWORK_KEEP"] == "before" and "NEEDLEWORK_NEW" not in os.environ
+    with ray_environment(None):
+        assert os.environ["NEEDLEWORK_KEEP"] == "before"
+
+
+def test_estimated_work_orders_runs_by_text_read(tmp_path):
+    small, large = tmp_path / "small.parquet", tmp_path / "large.parquet"
+    pq.write_table(to_table(make_examples(20)), small)
+    pq.write_table(to_table(make_examples(200, seed=1)), large)
+    sizes = {}
+    for path in (small, large):
+        meta = pq.ParquetFile(path).metadata
+        sizes[path] = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    a = spec_for("m", str(small), tmp_path / "a", epochs=3)
+    b = spec_for("m", str(large), tmp_path / "b", epochs=1)
+    assert estimated_work(a) == pytest.approx(3 * sizes[small])
+    assert estimated_work(b) == pytest.approx(sizes[large])
+    assert estimated_work(b) > estimated_work(a)
+    # max_steps: the share of the file those steps read (batch 2 x accum 1 x 1 worker).
+    c = spec_for("m", str(large), tmp_path / "c", max_steps=10, batch_size=2)
+    assert estimated_work(c) == pytest.approx(sizes[large] * 20 / 200)
+    assert estimated_work(spec_for("m", str(tmp_path / "missing.parquet"), tmp_path / "d")) == 0.0
 
 
 # --- one worker in-process, no Ray ----------------------------------------------------------
@@ -221,7 +254,8 @@ def test_three_variants_run_concurrently(ray_cluster, tiny_checkpoints, train_pa
     peers = tmp_path / "peers"
     peers.mkdir()
     specs = [spec_for(tiny_checkpoints[f], train_parquet, tmp_path / f, name=f"toy/{f}", max_steps=4,
-                      cpus_per_worker=0.5, rope_base=20_000.0 * (i + 1))
+                      cpus_per_worker=0.5, rope_base=20_000.0 * (i + 1),
+                      ray_env={"NEEDLEWORK_TEST_RUN": f, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": 0.5})
              for i, f in enumerate(("llama", "mistral", "qwen2"))]
     results = within(RAY_TIMEOUT, train_all, specs, show_progress=False,
                      callbacks=[WaitForPeers(str(peers), n=3)])
@@ -234,6 +268,11 @@ def test_three_variants_run_concurrently(ray_cluster, tiny_checkpoints, train_pa
         assert (tmp_path / family / "done.json").exists()
     summaries = [json.loads((tmp_path / f / "summary.json").read_text()) for f in ("llama", "mistral", "qwen2")]
     assert max(s["started_at"] for s in summaries) < min(s["finished_at"] for s in summaries)
+    # Each run's workers saw its own ray_env, the Ray Train variable included; the driver did not.
+    seen = [json.loads(p.read_text()) for p in peers.iterdir()]
+    assert sorted(s["NEEDLEWORK_TEST_RUN"] for s in seen) == ["llama", "mistral", "qwen2"]
+    assert all(s["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.5" for s in seen)
+    assert "NEEDLEWORK_TEST_RUN" not in os.environ
     assert all(r.skipped for r in within(60, train_all, specs, show_progress=False))
 
 
