@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import re
@@ -167,6 +168,22 @@ def test_rendered_sources_load_through_the_task_code(task, sources, tokenizer):
             assert module.score(example.target, example)["f1"] == 1.0
             for span in example.answer_spans:  # the answer is read from the context
                 assert span.text(example.prompt).strip() in example.target
+
+
+def test_sources_hold_qa_per_task_distinct_training_examples(world, tokenizer, tmp_path):
+    """More QA than the default sources hold comes from more records, never from repeats
+    (a model shown the same few hundred prompts dozens of times memorizes them)."""
+    from engine.miniature.corpus import task_examples
+    from engine.miniature.pretrain import source_sizes
+
+    defaults = SourceSizes()
+    assert source_sizes(TINY) == defaults  # small asks keep the default files
+    sizes = source_sizes(dataclasses.replace(TINY, qa_per_task=650))
+    assert (sizes.mdqa_train, sizes.musique_train, sizes.summhay_train) == (650, 650, 55)  # 55 topics x 12
+    assert (sizes.mdqa_eval, sizes.mdqa_pool) == (defaults.mdqa_eval, defaults.mdqa_pool)
+    paths = render_sources(world, tmp_path, dataclasses.replace(sizes, musique_train=1, summhay_train=1))
+    prompts = [p for p, _ in task_examples(tokenizer, paths, 128, 650, seed=0)["mdqa"]]
+    assert len(prompts) == len(set(prompts)) == 650 > defaults.mdqa_train
 
 
 # ----------------------------------------------------------------------------- tokenizer
