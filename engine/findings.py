@@ -26,9 +26,10 @@ KNOCKOUT_RATIO, KNOCKOUT_MIN_DROP = 2.0, 0.05
 # Finding 3: a positive rank correlation with a one-in-ten chance level.
 SPEARMAN_P = 0.1
 # A task's findings test something only if the real-data model does the task at all: F1 on
-# the real task of at least this much (a random pair of ten SummHay documents scores ~0.2)
-# and at least one head with a score > 0 on its own data.
-COMPETENCE_F1 = 0.25
+# the real task of at least this much (a random pair of n SummHay documents scores 2/n in
+# expectation: 0.25 for the demo's eight, 0.2 for ten) and at least one head with a score > 0
+# on its own data.
+COMPETENCE_F1 = 0.3
 
 
 def real_labels(variants: list[str]) -> list[str]:
