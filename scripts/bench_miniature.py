@@ -5,8 +5,13 @@ every `--check-every` steps: copy accuracy at random depths at the pretraining l
 4x it, and teacher-forced exact answers on short eval prompts of each task shape.
 Prints a table and writes JSON.
 
+With `--copy-lora-steps N`, also extends the model at each `--rope-bases` base with N LoRA
+steps on dense copy probes up to 4x the length (does the base extend at all?); with `--model
+DIR`, measures a kept model instead of pretraining one.
+
 Example:
     .venv/bin/python scripts/bench_miniature.py --check-every 250 --out bench_miniature.json steps=1500
+    .venv/bin/python scripts/bench_miniature.py --model /tmp/kept --rope-bases 320000 --copy-lora-steps 150
 """
 
 from __future__ import annotations
@@ -105,6 +110,52 @@ def raised_base_copy(spec: MiniatureSpec, model_dir: Path, rope_bases: list[floa
                                              n=32, seed=3)) for base in rope_bases}
 
 
+def copy_lora_extension(spec: MiniatureSpec, model_dir: Path, rope_bases: list[float], steps: int,
+                        seed: int = 0) -> dict:
+    """Copy accuracy at 1x / 2x / 4x the pretraining length after extending the base with a
+    raised RoPE base and `steps` LoRA steps (attention, r8, batch 4, lr 1e-3) on dense copy
+    probes of 1.25x-4x the length.
+
+    The densest retrieval signal there is: if this does not extend a base, no task data will.
+    """
+    import random
+
+    import torch
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    from engine.miniature.corpus import copy_sequence, token_ids
+    from engine.models import add_lora, load_model
+
+    tokenizer = load_tokenizer(str(model_dir))
+    tokenizer.padding_side = "right"
+    tokens = token_ids(tokenizer)
+    short, long = spec.context * 5 // 4, 4 * spec.context
+
+    class Probes(torch.utils.data.Dataset):
+        def __len__(self):
+            return steps * 4
+
+        def __getitem__(self, i):
+            rng = random.Random(f"{seed}/copy-lora/{i}")
+            ids, start = copy_sequence(rng, tokens, rng.randint(short, long), rng.randint(4, spec.max_span))
+            return {"input_ids": ids, "labels": [-100] * start + ids[start:]}
+
+    out = {}
+    for base in rope_bases:
+        model = add_lora(load_model(str(model_dir), rope_base=base), rank=8, alpha=8, target="attention")
+        with tempfile.TemporaryDirectory() as scratch:
+            args = TrainingArguments(output_dir=scratch, max_steps=steps, per_device_train_batch_size=4,
+                                     learning_rate=1e-3, warmup_steps=max(1, steps // 20), lr_scheduler_type="cosine",
+                                     save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True,
+                                     logging_steps=max(1, steps), seed=seed)
+            Trainer(model=model, args=args, train_dataset=Probes(),
+                    data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)).train()
+        merged = model.merge_and_unload().eval()
+        out[base] = summary(retrieval_accuracy(merged, tokenizer, [spec.context, 2 * spec.context, long],
+                                               n=32, seed=3))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="spec fields as key=value")
@@ -114,7 +165,14 @@ def main() -> None:
     parser.add_argument("--keep", help="copy the pretrained model directory here")
     parser.add_argument("--rope-bases", default="20000,80000",
                         help="raised RoPE bases at which to re-check copying after pretraining")
+    parser.add_argument("--copy-lora-steps", type=int, default=0,
+                        help="also extend at each raised base with this many LoRA steps on dense copy probes")
+    parser.add_argument("--model", help="measure this pretrained miniature directory instead of pretraining")
     args = parser.parse_args()
+    bases = [float(b) for b in args.rope_bases.split(",") if b]
+    if args.model:
+        measure_only(Path(args.model), bases, args)
+        return
     spec = parse_spec(args.overrides)
     log: list = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -124,7 +182,8 @@ def main() -> None:
         meta = pretrain(dataclasses.replace(spec, min_accuracy=0.0), Path(tmp), progress=False, callbacks=(check,))
         total = time.perf_counter() - start
         answers = final_answers(spec, Path(tmp), args.answers)
-        raised = raised_base_copy(spec, Path(tmp), [float(b) for b in args.rope_bases.split(",") if b])
+        raised = raised_base_copy(spec, Path(tmp), bases)
+        extended = copy_lora_extension(spec, Path(tmp), bases, args.copy_lora_steps) if args.copy_lora_steps else {}
         if args.keep:
             shutil.copytree(tmp, args.keep, dirs_exist_ok=True)
     train = {"wall": meta["seconds"]["train"] - check.spent["wall"],
@@ -138,15 +197,49 @@ def main() -> None:
         print(f"| {length} | " + " | ".join(f"{a:.2f}" for a in by_task.values()) + " |")
     for base, by_length in raised.items():
         print(f"copy accuracy with RoPE base {base:g}: " + ", ".join(f"{n}: {a:.2f}" for n, a in by_length.items()))
+    print_extension(extended, args.copy_lora_steps)
     print(f"pretraining (checks excluded): {train['wall']:.0f} s wall, {train['cpu']:.0f} s CPU, "
           f"{spec.threads} threads, load average {os.getloadavg()[0]:.1f}")
     result = {"spec": dataclasses.asdict(spec), "seconds": meta["seconds"], "cpu_seconds": meta["cpu_seconds"],
               "train_without_checks": train, "total_seconds": total, "load_average": os.getloadavg(),
               "retrieval": meta["retrieval"], "answers": answers, "raised_rope_base_copy": raised,
-              "during_training": log}
-    tmp_out = Path(f"{args.out}.tmp")
+              "copy_lora_steps": args.copy_lora_steps, "copy_lora_extension": extended, "during_training": log}
+    write_json(result, args.out)
+
+
+def print_extension(extended: dict, steps: int) -> None:
+    for base, by_length in extended.items():
+        print(f"copy accuracy after {steps} copy-LoRA steps at RoPE base {base:g}: "
+              + ", ".join(f"{n}: {a:.2f}" for n, a in by_length.items()))
+
+
+def write_json(result: dict, out: str) -> None:
+    tmp_out = Path(f"{out}.tmp")
     tmp_out.write_text(json.dumps(result, indent=2))
-    os.replace(tmp_out, args.out)
+    os.replace(tmp_out, out)
+
+
+def measure_only(model_dir: Path, bases: list[float], args) -> None:
+    """The after-pretraining measurements of a kept model (`--keep`, or a cache entry)."""
+    meta_path = model_dir / "miniature.json"
+    if not meta_path.exists():
+        raise SystemExit(f"--model {model_dir}: no miniature.json (not a pretrained miniature directory)")
+    meta = json.loads(meta_path.read_text())
+    spec = MiniatureSpec(**{k: v for k, v in meta["spec"].items()
+                            if k in {f.name for f in dataclasses.fields(MiniatureSpec)}})
+    start = time.perf_counter()
+    answers = final_answers(spec, model_dir, args.answers)
+    raised = raised_base_copy(spec, model_dir, bases)
+    extended = copy_lora_extension(spec, model_dir, bases, args.copy_lora_steps) if args.copy_lora_steps else {}
+    print(format_table(meta["retrieval"]))
+    for length, by_task in answers.items():
+        print(f"exact answers at {length}: " + ", ".join(f"{t} {a:.2f}" for t, a in by_task.items()))
+    for base, by_length in raised.items():
+        print(f"copy accuracy with RoPE base {base:g}: " + ", ".join(f"{n}: {a:.2f}" for n, a in by_length.items()))
+    print_extension(extended, args.copy_lora_steps)
+    write_json({"model": str(model_dir), "spec": meta["spec"], "retrieval": meta["retrieval"], "answers": answers,
+                "raised_rope_base_copy": raised, "copy_lora_steps": args.copy_lora_steps,
+                "copy_lora_extension": extended, "seconds": time.perf_counter() - start}, args.out)
 
 
 if __name__ == "__main__":
