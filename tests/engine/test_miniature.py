@@ -383,6 +383,8 @@ def test_base_model_cache_is_keyed_and_loadable(tmp_path, monkeypatch, capsys):
     assert ensure_base_model(TINY, cache_dir=tmp_path, progress=False) == path and len(calls) == 1
     assert "'loss'" not in capsys.readouterr().out  # no per-log dicts from the Trainer's printer
     assert MiniatureSpec(mix=list(MiniatureSpec().mix)) == MiniatureSpec() and spec_hash(TINY) == path.name
+    # `rope_jitter: 32` in YAML or on a command line names the same model as 32.0
+    assert spec_hash(MiniatureSpec(rope_jitter=32, rope_base=10000)) == spec_hash(MiniatureSpec(rope_jitter=32.0))
     model, tok = load_model(str(path)), load_tokenizer(str(path))
     arch = architecture(model)
     assert (arch.n_layers, arch.n_heads, arch.n_kv_heads) == (1, 2, 1)
