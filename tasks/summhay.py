@@ -76,7 +76,11 @@ def _documents_request(docs, filler_units, statement, opts, target) -> FitReques
     (depth, text, marks) needles; optional the document's other sentences in order.
     """
     n = len(docs)
-    order = [(d, j) for j in range(max((len(o) for _, o in docs), default=0)) for d in range(n) if j < len(docs[d][1])]
+    # Round-robin, a needle counting as its document's first sentence: every document has a
+    # sentence before any has two. Otherwise a short prompt leaves only the cited documents
+    # with text, and citing the non-empty ones answers it without reading.
+    order = sorted(((d, j) for d in range(n) for j in range(len(docs[d][1]))),
+                   key=lambda dj: (dj[1] + (1 if docs[dj[0]][0] else 0), dj[0]))
     units = [docs[d][1][j] for d, j in order] + list(filler_units)
 
     def arrange(k: int) -> Draft:
@@ -99,6 +103,16 @@ def _documents_request(docs, filler_units, statement, opts, target) -> FitReques
         return Draft(HEAD, segs, TAIL.format(s=statement), slot=len(segs) - 1, filler_suffix=" ")
 
     return FitRequest(arrange, len(units), target, opts["filler"], unit_texts=units)
+
+
+_EMPTY_DOCUMENT = re.compile(r"Document \[\d+\]:\n\n")
+
+
+def _fits(counter: TokenCounter, jobs):
+    """`fit_stream`, where a fit that leaves a document empty counts as too long: a prompt
+    whose only documents with text are the cited ones is answered without reading."""
+    for key, fitted in fit_stream(counter, jobs):
+        yield key, None if fitted is not None and _EMPTY_DOCUMENT.search(fitted.prompt) else fitted
 
 
 def _mark_headers(fitted, cited: list[int]):
@@ -226,7 +240,7 @@ def build_real(variant, sources, opts, counter, target, n, seed, split) -> Build
                     docs.append(([], [s + " " for s in _SENTENCE.split(doc["document_text"].strip()) if s]))
             yield _documents_request(docs, filler_units, ins["insight"], opts, target), (ins, cited)
 
-    for (ins, cited), fitted in fit_stream(counter, jobs()):
+    for (ins, cited), fitted in _fits(counter, jobs()):
         if fitted is None:
             count(dropped, "too_long_for_target")
             continue
@@ -280,7 +294,7 @@ def build_synthetic(variant, opts, counter, target, n, seed, split, synth) -> Bu
                 docs.append((mandatory, haystack[d * per_doc : (d + 1) * per_doc]))
             yield _documents_request(docs, filler_units, insights[0], opts, target), (insights, cited)
 
-    for (insights, cited), fitted in fit_stream(counter, jobs()):
+    for (insights, cited), fitted in _fits(counter, jobs()):
         if fitted is None:
             continue
         examples.append(_example(fitted, variant, split, len(examples), seed, [c + 1 for c in cited],
@@ -311,7 +325,7 @@ def build_symbolic(opts, counter, target, n, seed, split) -> BuildResult:
             yield _documents_request(docs, [], statement, {**opts, "filler": " ".join(strings[1:50])}, target), \
                 (query, cited)
 
-    for (query, cited), fitted in fit_stream(counter, jobs()):
+    for (query, cited), fitted in _fits(counter, jobs()):
         if fitted is None:
             continue
         examples.append(_example(fitted, "symbolic", split, len(examples), seed, [c + 1 for c in cited],

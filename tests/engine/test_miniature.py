@@ -186,6 +186,26 @@ def test_sources_hold_qa_per_task_distinct_training_examples(world, tokenizer, t
     assert len(prompts) == len(set(prompts)) == 650 > defaults.mdqa_train
 
 
+def test_short_summhay_prompts_give_every_document_text(world, sources, tmp_path):
+    """At the pretraining length a SummHay prompt must be answered by reading: with ten
+    documents in 112 tokens all but the two cited ones came out empty, and "cite the
+    documents that have text" scored 0.96 at 128 tokens and nothing beyond."""
+    import re
+
+    from engine.miniature.corpus import prompt_words, task_examples
+    from engine.models import load_tokenizer
+
+    # the pretraining's tokenizer: prompt words whole, as `pretrain` builds it
+    build_tokenizer(world, tmp_path, extra_texts=(" ".join(prompt_words(build_tokenizer(world), sources, 0)),))
+    pairs = task_examples(load_tokenizer(str(tmp_path)), sources, 128, 20, seed=0)["summhay"]
+    assert len(pairs) >= 10
+    for prompt, target in pairs:
+        bodies = re.split(r"Document \[\d+\]:", prompt.split("\n\nStatement:")[0])[1:]
+        assert len(bodies) >= 3 and all(re.search(r"[A-Za-z]{3,}", body) for body in bodies), prompt
+        cited = [int(n) for n in re.findall(r"\[(\d+)\]", target)]
+        assert len(cited) == 2 and max(cited) <= len(bodies)
+
+
 # ----------------------------------------------------------------------------- tokenizer
 
 

@@ -77,3 +77,19 @@ def test_malformed_topic_names_the_place(tmp_path, char_tok, edit, message):
 
     with pytest.raises(DataError, match=message):
         _build(bad, char_tok)
+
+
+@pytest.mark.parametrize("variant", ["real", "symbolic"])
+def test_short_prompts_never_leave_a_document_empty(char_tok, variant):
+    """Too short for a sentence in every document, a prompt is dropped as too long: one whose
+    only documents with text are the cited ones is answered without reading them."""
+    built, dropped = 0, 0
+    for target in range(150, 1200, 50):
+        res = summhay.build(variant, sources={"train": str(TOPIC)}, options={"n_documents": 4}, tokenizer=char_tok,
+                            target_tokens=target, n=3, seed=0, split="train")
+        for ex in res.examples:
+            bodies = ex.prompt[ex.context_span.start:ex.context_span.end].split("Document [")[1:]
+            assert len(bodies) == 4 and all(b.split(":\n", 1)[1].strip() for b in bodies), ex.prompt
+        built += len(res.examples)
+        dropped += res.dropped.get("too_long_for_target", 0)
+    assert built and dropped  # both sides of the boundary were reached
