@@ -144,6 +144,20 @@ def test_finding_real_beats_best_synthetic(tmp_path, real_f1, expected):
     assert detail["best_synthetic"] == "hh" and detail["best_synthetic_f1"] == pytest.approx(0.6)
 
 
+def test_tasks_the_real_model_does_not_do_decide_nothing(tmp_path):
+    """Real beats synthetic on summhay (0.25 vs 0.2), but below the competence bar that is
+    noise beating noise; musique, done at 0.65, decides the claim alone."""
+    for task, real_f1 in (("summhay", 0.25), ("musique", 0.65)):
+        for variant, f1 in {"real": real_f1, "hh": 0.2, "ll": 0.1}.items():
+            write_eval(tmp_path, task, variant, f1, {(0, 0): 1.0}, "retrieval")
+    finding = compute_findings(tmp_path)["real_beats_synthetic"]
+    by_task = {d["task"]: d for d in finding["details"]}
+    assert by_task["summhay"]["status"] == "inconclusive" and "below the bar" in by_task["summhay"]["summary"]
+    assert by_task["musique"]["status"] == "reproduced" and finding["status"] == "reproduced"
+    (tmp_path / "eval" / "musique").rename(tmp_path / "musique-away")
+    assert compute_findings(tmp_path)["real_beats_synthetic"]["status"] == "inconclusive"
+
+
 @pytest.mark.parametrize(
     "top_f1, random_f1, expected",
     [
