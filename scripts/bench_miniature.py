@@ -58,7 +58,7 @@ def checking_callback(spec: MiniatureSpec, every: int, log: list, work_dir: Path
         spent = {"wall": 0.0, "cpu": 0.0}  # checking time, taken out of the training time
 
         def on_step_end(self, args, state, control, model=None, **kwargs):
-            if state.global_step % every and state.global_step != spec.steps:
+            if (not every or state.global_step % every) and state.global_step != spec.steps:
                 return
             paused, cpu = time.perf_counter(), time.process_time()
             tokenizer = load_tokenizer(str(work_dir))  # saved by pretrain before training starts
@@ -160,7 +160,8 @@ def copy_lora_extension(spec: MiniatureSpec, model_dir: Path, rope_bases: list[f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="spec fields as key=value")
-    parser.add_argument("--check-every", type=int, default=250)
+    parser.add_argument("--check-every", type=int, default=250,
+                        help="steps between checks during training (0: only the final one)")
     parser.add_argument("--answers", type=int, default=60, help="held-out prompts per task in the final check")
     parser.add_argument("--out", default="bench_miniature.json")
     parser.add_argument("--keep", help="copy the pretrained model directory here")
