@@ -106,8 +106,9 @@ class MiniatureSpec:
         # YAML gives lists, and ints where floats are meant (`rope_jitter: 32`); the spec must
         # stay hashable and hash the same either way, or an equal spec pretrains again.
         object.__setattr__(self, "mix", tuple(float(w) for w in self.mix))
-        for name in ("rope_base", "lr", "rope_jitter", "min_accuracy"):
-            object.__setattr__(self, name, float(getattr(self, name)))
+        for f in dataclasses.fields(self):
+            if f.type == "float":  # annotations are strings here (from __future__ import annotations)
+                object.__setattr__(self, f.name, float(getattr(self, f.name)))
         if self.on_failed_check not in ("raise", "warn"):
             raise ValueError(f"miniature.on_failed_check: {self.on_failed_check!r}; choose 'raise' or 'warn'")
         if self.n_heads % self.n_kv_heads or self.hidden % self.n_heads:
