@@ -5,7 +5,7 @@ tokenizer every prompt lands at or under the target token count and within 2% of
 enough to build 1,400 examples of 32,768 tokens in under a minute on 2 cores.
 
 Builds N MDQA `real` examples (questions, gold passages and the distractor pool all from the
-shared NQ file) with a realistic subword tokenizer: a 32K-vocabulary byte-level BPE trained
+NQ file in data/) with a realistic subword tokenizer: a 32K-vocabulary byte-level BPE trained
 here on the NQ passages (nothing is downloaded). Times `mdqa.build` end to end (loading,
 BM25 ranking, fitting, exact verification), then re-counts every prompt with the tokenizer's
 own batched call (not the fitting code's counter) to report the token range, the fraction
@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-NQ = ROOT.parent / "shared/data/nq-open-oracle.jsonl.gz"
+NQ = ROOT / "data/nq-open-oracle.jsonl.gz"
 GOAL_SECONDS = 60.0
 GOAL_EXAMPLES = 1400
 

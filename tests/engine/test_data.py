@@ -8,7 +8,7 @@ from engine.data import build_task_data, dataset_stats, render_stats
 from tasks.example import SCHEMA, from_table
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
-NQ = Path(__file__).parents[2].parent / "shared/data/nq-open-oracle.jsonl.gz"
+NQ = Path(__file__).parents[2] / "data/nq-open-oracle.jsonl.gz"
 
 
 def test_build_writes_splits_and_stats(tmp_path):

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-SHARED = Path(__file__).parents[2].parent / "shared/data"
-NQ = SHARED / "nq-open-oracle.jsonl.gz"
+DATA = Path(__file__).parents[2] / "data"
+NQ = DATA / "nq-open-oracle.jsonl.gz"
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 
 

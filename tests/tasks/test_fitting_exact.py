@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerFast
 from tasks import mdqa
 from tasks.fitting import TokenCounter
 
-NQ = Path(__file__).parents[2].parent / "shared/data/nq-open-oracle.jsonl.gz"
+NQ = Path(__file__).parents[2] / "data/nq-open-oracle.jsonl.gz"
 TARGET = 12000
 N = 16
 

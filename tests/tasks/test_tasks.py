@@ -11,7 +11,7 @@ from tasks.fitting import within_tolerance
 from tasks.text import normalize_answer
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
-NQ = Path(__file__).parents[2].parent / "shared/data/nq-open-oracle.jsonl.gz"
+NQ = Path(__file__).parents[2] / "data/nq-open-oracle.jsonl.gz"
 SOURCES = {
     "mdqa": {"train": str(FIXTURES / "mdqa_sample.jsonl"), "eval": str(FIXTURES / "mdqa_sample.jsonl"),
              "pool": str(NQ)},
