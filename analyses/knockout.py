@@ -17,8 +17,9 @@ Example:
     ...     out_dir="runs/demo/knockout/mdqa/real", pool=PoolConfig())
     >>> knockout_curve(table).to_pylist()   # k, selection, f1_mean, f1_std, n_runs
 
-Output `knockout.parquet` (layout.md): k, selection ("top" | "random"), seed (-1 for top),
-heads (list of "layer.head"), f1, em, n.
+Output `knockout.parquet`: k, selection ("top" | "random"), seed (-1 for top), heads (list of
+"layer.head"), f1, em, n, and example_f1 (F1 per evaluation example, in the evaluation set's
+order, so that top-k and random-k runs can be compared example by example).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ KNOCKOUT_SCHEMA = pa.schema(
         ("f1", pa.float64()),
         ("em", pa.float64()),
         ("n", pa.int64()),
+        ("example_f1", pa.list_(pa.float64())),
     ]
 )
 
@@ -194,6 +196,7 @@ def run_knockout(
                 "f1": summaries[r.job.name]["f1"],
                 "em": summaries[r.job.name]["em"],
                 "n": summaries[r.job.name]["n"],
+                "example_f1": example_f1(r.job),
             }
             for r in runs
         ],
@@ -201,6 +204,11 @@ def run_knockout(
     )
     write_parquet(table, Path(out_dir) / "knockout.parquet")
     return table
+
+
+def example_f1(job: EvalJob) -> list[float]:
+    """F1 per example of a finished evaluation job, in its data's order."""
+    return read_parquet(Path(job.out_dir) / "predictions.parquet")["f1"].to_pylist()
 
 
 def knockout_curve(table: pa.Table) -> pa.Table:

@@ -28,8 +28,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from scipy import stats
-
+from engine.stats import spearman_permutation
 from engine.store import write_parquet
 
 KIND_BY_TASK = {"mdqa": "retrieval", "musique": "retrieval", "summhay": "insight"}
@@ -119,7 +118,9 @@ def cosine_similarity(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> SpearmanResult:
-    """Spearman's rho of paired values, skipping pairs with a NaN.
+    """Spearman's rho of paired values, skipping pairs with a NaN, with a two-sided
+    permutation p-value (exact up to seven pairs: across a handful of variants the t
+    approximation of `scipy.stats.spearmanr` is off).
 
     Returns NaN (with the reason) instead of failing when fewer than three pairs remain or
     either side is constant, since the rank correlation is undefined there.
@@ -135,8 +136,8 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> SpearmanResult:
         return SpearmanResult(math.nan, math.nan, n, "constant x")
     if len(set(ys)) == 1:
         return SpearmanResult(math.nan, math.nan, n, "constant y")
-    result = stats.spearmanr(xs, ys)
-    return SpearmanResult(float(result.statistic), float(result.pvalue), n)
+    result = spearman_permutation(xs, ys)
+    return SpearmanResult(result.rho, result.p_value, n)
 
 
 def recall_table(head_sets: Mapping[str, frozenset[Head]]) -> pa.Table:

@@ -21,9 +21,9 @@ Example:
     ...     out_dir="runs/demo/patching/mdqa/hh", pool=PoolConfig())
     >>> table.select(["set", "n_heads", "f1", "gain"]).to_pylist()
 
-Output `patching.parquet` (layout.md): set ("none" | "inter" | "compl" | "random"), n_heads,
-seed, f1, em, gain (f1 - f1 of "none"), size_inter, size_compl; plus heads ("layer.head")
-and note.
+Output `patching.parquet`: set ("none" | "inter" | "compl" | "random"), n_heads, seed, f1,
+em, gain (f1 - f1 of "none"), size_inter, size_compl; plus heads ("layer.head"), note, and
+example_f1 (F1 per evaluation example, in the set's order, for paired comparisons).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from analyses.knockout import head_label
+from analyses.knockout import example_f1, head_label
 from engine.evaluate import EvalJob, ModelRef, PoolConfig, read_examples, run_jobs
 from engine.heads import Head
 from engine.store import read_parquet, write_parquet
@@ -54,6 +54,7 @@ PATCHING_SCHEMA = pa.schema(
         ("size_compl", pa.int64()),
         ("heads", pa.list_(pa.string())),
         ("note", pa.string()),
+        ("example_f1", pa.list_(pa.float64())),  # F1 per evaluation example, in the set's order
     ]
 )
 
@@ -235,9 +236,12 @@ def run_patching(
     none = summaries[runs[0].job.name] if runs[0].job is not None else unpatched_summary(
         unpatched_predictions, data_path, limit
     )
+    none_f1 = example_f1(runs[0].job) if runs[0].job is not None else \
+        read_parquet(unpatched_predictions)["f1"].to_pylist()
     rows = []
     for r in runs:
         result = none if r.set == "none" else (summaries[r.job.name] if r.job is not None else None)
+        per_example = none_f1 if r.set == "none" else (example_f1(r.job) if r.job is not None else None)
         rows.append(
             {
                 "set": r.set,
@@ -250,6 +254,7 @@ def run_patching(
                 "size_compl": len(sets.compl),
                 "heads": [head_label(h) for h in r.heads],
                 "note": r.note,
+                "example_f1": per_example,
             }
         )
     table = pa.Table.from_pylist(rows, schema=PATCHING_SCHEMA)

@@ -21,11 +21,6 @@ TASK_ORDER = ("mdqa", "musique", "summhay")
 VARIANT_ORDER = ("real", "real_limited", "hh", "hl", "lh", "ll", "symbolic", "base")
 SYNTHETIC = ("hh", "hl", "lh", "ll", "symbolic")
 PATCH_SETS = ("none", "inter", "compl", "random")
-# Finding 2: masking the top-k heads must cost at least this multiple of the random heads'
-# drop and at least this much F1 in absolute terms to count as "far more".
-KNOCKOUT_RATIO, KNOCKOUT_MIN_DROP = 2.0, 0.05
-# Finding 3: a positive rank correlation with a one-in-ten chance level.
-SPEARMAN_P = 0.1
 NOT_RUN = "_not run_"
 REQUIRED_COLUMNS = {
     "predictions.parquet": ("f1",),
@@ -95,6 +90,19 @@ def task_grids(run: Path, task: str) -> tuple[str, dict[str, np.ndarray]]:
         for r in t:
             grids[v][r["layer"], r["head"]] = r["score"]
     return kind, grids
+
+
+def example_f1(run: Path, task: str, variant: str) -> dict[str, float] | None:
+    """F1 per example id of `variant` on the real task's evaluation set (every model is
+    evaluated on the same set, so two of these pair by id)."""
+    rows = read(run / "eval" / task / variant / "real" / "predictions.parquet")
+    return None if rows is None else {r["id"]: float(r["f1"]) for r in rows}
+
+
+def paired(*by_id: dict[str, float]) -> list[np.ndarray]:
+    """Values of the ids all mappings share, in one id order: one array per mapping."""
+    common = sorted(set.intersection(*(set(m) for m in by_id)))
+    return [np.asarray([m[i] for i in common], dtype=float) for m in by_id]
 
 
 def f1(run: Path, task: str, variant: str) -> float:

@@ -1,10 +1,15 @@
-"""The paper's four qualitative findings, decided from a run's artifacts with fixed criteria.
+"""The paper's four qualitative findings, decided from a run's artifacts with statistics.
 
 Zhao, Yin, Durrett (ICML 2025): (1) real data beats the best synthetic variant (Table 1);
 (2) masking the top-k retrieval heads costs far more F1 than k random heads (Figure 3);
 (3) recall of the real model's heads correlates with F1 across variants (Table 4);
 (4) patching intersection heads helps the weakest synthetic variants (Tables 3, 11).
-The thresholds are constants stated in the report, never tuned to a run.
+
+Each comparison is paired over the same evaluation examples and decided by its 95%
+bootstrap interval (`engine.stats`): "reproduced" when the interval lies on the paper's
+side of zero, "not reproduced" when it lies on the other side, "inconclusive" when it spans
+zero (the summary says so). The rank correlation is decided by its permutation p-value
+against `SPEARMAN_ALPHA`. Nothing here is tuned to a run.
 
 Example:
     >>> compute_findings("runs/demo")["knockout_top_vs_random"]["status"]
@@ -19,17 +24,16 @@ from pathlib import Path
 import numpy as np
 
 from engine import artifacts as a
+from engine.stats import Interval, benjamini_hochberg, paired_difference, paired_p_value
 
-# Finding 2: masking the top-k heads must cost at least this multiple of the random heads'
-# drop and at least this much F1 in absolute terms to count as "far more".
-KNOCKOUT_RATIO, KNOCKOUT_MIN_DROP = 2.0, 0.05
-# Finding 3: a positive rank correlation with a one-in-ten chance level.
-SPEARMAN_P = 0.1
+# Finding 3: the two-sided permutation p-value a rank correlation must beat.
+SPEARMAN_ALPHA = 0.05
 # A task's findings test something only if the real-data model does the task at all: F1 on
 # the real task of at least this much (a random pair of n SummHay documents scores 2/n in
 # expectation: 0.25 for the demo's eight, 0.2 for ten) and at least one head with a score > 0
 # on its own data.
 COMPETENCE_F1 = 0.3
+SPANS_ZERO = "95% CI spans 0"
 
 
 def real_labels(variants: list[str]) -> list[str]:
@@ -59,8 +63,8 @@ def compute_findings(run_dir: str | Path) -> dict:
     """The paper's four findings, each with a status and the numbers behind it.
 
     Status is "reproduced", "not reproduced", "partial" (some tasks or models only),
-    "inconclusive" (inputs present but too few to decide, or only on tasks whose real-data
-    model does not do the task: `task_competence`) or "not run".
+    "inconclusive" (every interval spans zero, or only tasks whose real-data model does not
+    do the task remain: `task_competence`) or "not run".
     """
     run = Path(run_dir)
     tasks = a.tasks(run)
@@ -84,64 +88,100 @@ def _without_noise(finding: dict, weak: set[str]) -> dict:
     return _finding(finding["claim"], finding["criterion"], details)
 
 
+def _decided(interval: Interval) -> str:
+    """The status an interval of (paper's direction) differences gives."""
+    return {1: "reproduced", -1: "not reproduced", 0: "inconclusive"}[interval.sign()]
+
+
+def _why(interval: Interval) -> str:
+    return f" ({SPANS_ZERO})" if interval.sign() == 0 and not math.isnan(interval.estimate) else ""
+
+
+def _interval_fields(interval: Interval) -> dict:
+    return {"estimate": interval.estimate, "ci_low": interval.low, "ci_high": interval.high, "n": interval.n}
+
+
 def _finding_real_best(run: Path, tasks: list[str]) -> dict:
     details = []
     for task in tasks:
         variants = a.variants(run, [task])
-        reals = real_labels(variants)
-        real = float(np.mean([a.f1(run, task, v) for v in reals])) if reals else math.nan
-        synth = {v: a.f1(run, task, v) for v in variants if a.base(v) in a.SYNTHETIC}
-        synth = {v: f for v, f in synth.items() if not math.isnan(f)}
-        if math.isnan(real) or not synth:
+        reals = [x for x in (a.example_f1(run, task, v) for v in real_labels(variants)) if x]
+        synth = {v: a.example_f1(run, task, v) for v in variants if a.base(v) in a.SYNTHETIC}
+        synth = {v: x for v, x in synth.items() if x}
+        if not reals or not synth:
             continue
-        best = max(synth, key=synth.get)
-        ok = real > synth[best]
+        best = max(synth, key=lambda v: float(np.mean(list(synth[v].values()))))
+        *real_seeds, best_f1 = a.paired(*reals, synth[best])
+        if not best_f1.size:
+            continue
+        real = np.mean(real_seeds, axis=0)  # several seeds: their mean per example
+        diff = paired_difference(real, best_f1)
         details.append(
             {
                 "task": task,
-                "real_f1": real,
+                "real_f1": float(real.mean()),
                 "best_synthetic": best,
-                "best_synthetic_f1": synth[best],
-                "status": _status(ok),
-                "summary": f"{task}: real {real:.3f} vs best synthetic {best} {synth[best]:.3f}",
+                "best_synthetic_f1": float(best_f1.mean()),
+                **_interval_fields(diff),
+                "status": _decided(diff),
+                "summary": f"{task}: real {real.mean():.3f} vs best synthetic {best} {best_f1.mean():.3f}, "
+                f"difference {diff.text()}{_why(diff)}",
             }
         )
-    return _finding("Real data beats the best synthetic variant", "F1(real) > max F1(synthetic), per task", details)
+    criterion = ("F1(real) - F1(best synthetic), paired over the real task's evaluation examples: "
+                 "its 95% bootstrap interval above 0")
+    return _finding("Real data beats the best synthetic variant", criterion, details)
+
+
+def knockout_tests(rows: list[dict]) -> list[dict]:
+    """Per k with top and random runs: the extra F1 drop of masking the top-k heads over k
+    random heads (random-k F1 minus top-k F1, per example, random seeds averaged), its 95%
+    bootstrap interval, its paired permutation p-value and the Benjamini-Hochberg adjusted
+    p-value across the sweep's k."""
+    out = []
+    for k in sorted({int(r["k"]) for r in rows if int(r["k"]) > 0}):
+        top = [r["example_f1"] for r in rows if int(r["k"]) == k and r["selection"] == "top" and r["example_f1"]]
+        rand = [r["example_f1"] for r in rows if int(r["k"]) == k and r["selection"] == "random" and r["example_f1"]]
+        if not top or not rand:
+            continue  # random heads are drawn outside the top k: the largest k may have none
+        top_f1, random_f1 = np.asarray(top[0]), np.mean(rand, axis=0)
+        out.append({"k": k, "top_f1": float(top_f1.mean()), "random_f1": float(random_f1.mean()),
+                    "n_seeds": len(rand), "extra_drop": paired_difference(random_f1, top_f1),
+                    "p_value": paired_p_value(random_f1, top_f1)})
+    for test, adjusted in zip(out, benjamini_hochberg([t["p_value"] for t in out])):
+        test["p_adjusted"] = adjusted
+    return out
 
 
 def _finding_knockout(run: Path, tasks: list[str]) -> dict:
     details = []
     for task in tasks:
         for variant in a.subdirs(run / "knockout" / task):
-            rows = a.read(run / "knockout" / task / variant / "knockout.parquet")
-            # Random heads are drawn outside the top k, so the largest k may have no random rows.
-            paired = [s for s in a.knockout_summary(rows or []) if not math.isnan(s["random_mean"])]
-            if not paired:
+            rows = a.read(run / "knockout" / task / variant / "knockout.parquet") or []
+            tests = knockout_tests(rows)
+            if not tests:
                 continue
-            last = paired[-1]
+            last = tests[-1]
             unmasked = a.unmasked_f1(run, task, variant, rows)
-            drop_top = unmasked - last["top"]
-            drop_random = unmasked - last["random_mean"]
-            ok = drop_top >= KNOCKOUT_RATIO * drop_random and drop_top >= KNOCKOUT_MIN_DROP
+            drop = last["extra_drop"]
             details.append(
                 {
                     "task": task,
                     "variant": variant,
                     "k": last["k"],
                     "unmasked_f1": unmasked,
-                    "top_f1": last["top"],
-                    "random_f1_mean": last["random_mean"],
-                    "drop_top": drop_top,
-                    "drop_random": drop_random,
-                    "status": "inconclusive" if math.isnan(drop_top - drop_random) else _status(ok),
-                    "summary": f"{task}/{variant} k={last['k']}: top-k drop {drop_top:.3f} "
-                    f"vs random drop {drop_random:.3f} (unmasked {unmasked:.3f})",
+                    "top_f1": last["top_f1"],
+                    "random_f1_mean": last["random_f1"],
+                    "p_adjusted": last["p_adjusted"],
+                    **_interval_fields(drop),
+                    "status": _decided(drop),
+                    "summary": f"{task}/{variant} k={last['k']}: F1 unmasked {unmasked:.3f}, top-k {last['top_f1']:.3f}, "
+                    f"random-k {last['random_f1']:.3f}; extra drop {drop.text()}, "
+                    f"p (BH) {a.fmt(last['p_adjusted'], 4)}{_why(drop)}",
                 }
             )
-    criterion = (
-        f"at the largest k: drop(top-k) >= {KNOCKOUT_RATIO:g} x mean drop(random k) "
-        f"and drop(top-k) >= {KNOCKOUT_MIN_DROP:g} F1"
-    )
+    criterion = ("at the sweep's largest k: F1(random k) - F1(top k), paired over examples "
+                 "(random seeds averaged): its 95% bootstrap interval above 0")
     return _finding("Masking top-k heads hurts far more than k random heads", criterion, details)
 
 
@@ -153,9 +193,12 @@ def _finding_spearman(run: Path, tasks: list[str]) -> dict:
         if r is None:
             continue
         rho, p = a.as_float(r["rho"]), a.as_float(r["p_value"])
-        decided = not (math.isnan(rho) or math.isnan(p))
-        status = _status(rho > 0 and p < SPEARMAN_P) if decided else "inconclusive"
-        why = f" ({r['reason']})" if r["reason"] else ""
+        if math.isnan(rho) or math.isnan(p):
+            status, why = "inconclusive", f" ({r['reason'] or 'undefined'})"
+        elif p < SPEARMAN_ALPHA:
+            status, why = ("reproduced" if rho > 0 else "not reproduced"), ""
+        else:
+            status, why = "inconclusive", f" (p >= {SPEARMAN_ALPHA:g} with n = {r['n']})"
         details.append(
             {
                 "task": task,
@@ -163,10 +206,11 @@ def _finding_spearman(run: Path, tasks: list[str]) -> dict:
                 "p_value": p,
                 "n": int(r["n"]),
                 "status": status,
-                "summary": f"{task}: rho {a.fmt(rho, 2)}, p {a.fmt(p, 3)}, n {r['n']}{why}",
+                "summary": f"{task}: rho {a.fmt(rho, 2)}, permutation p {a.fmt(p, 3)}, n {r['n']}{why}",
             }
         )
-    criterion = f"Spearman rho(recall vs real, F1) > 0 and p < {SPEARMAN_P:g} across variants, per task"
+    criterion = (f"Spearman rho(recall vs real, F1) across the fine-tuned non-real variants, "
+                 f"two-sided permutation p < {SPEARMAN_ALPHA:g} (reproduced if rho > 0)")
     return _finding("Recall of the real model's heads correlates with F1", criterion, details)
 
 
@@ -175,30 +219,37 @@ def _finding_patching(run: Path, tasks: list[str]) -> dict:
     for task in tasks:
         by_variant = {}
         for v in a.subdirs(run / "patching" / task):
-            s = a.patching_summary(a.read(run / "patching" / task / v / "patching.parquet") or [])
-            if a.base(v) in a.SYNTHETIC and "none" in s:
-                by_variant[v] = s
-        ranked = sorted(by_variant, key=lambda v: by_variant[v]["none"]["f1"])
+            rows = a.read(run / "patching" / task / v / "patching.parquet") or []
+            if a.base(v) in a.SYNTHETIC and any(r["set"] == "none" for r in rows):
+                by_variant[v] = rows
+        ranked = sorted(by_variant, key=lambda v: a.patching_summary(by_variant[v])["none"]["f1"])
         for v in ranked[: math.ceil(len(ranked) / 2)]:
-            s = by_variant[v]
-            inter, rand = s.get("inter", {}).get("gain", math.nan), s.get("random", {}).get("gain", math.nan)
-            decided = not (math.isnan(inter) or math.isnan(rand))
+            rows = by_variant[v]
+            per_set = {name: [r["example_f1"] for r in rows if r["set"] == name and r["example_f1"]]
+                       for name in ("none", "inter", "random")}
+            none_f1 = float(np.mean(per_set["none"][0])) if per_set["none"] else math.nan
+            if per_set["inter"] and per_set["random"]:
+                inter, rand = np.mean(per_set["inter"], axis=0), np.mean(per_set["random"], axis=0)
+                gain = paired_difference(inter, rand)
+                status = _decided(gain)
+                said = (f"gain inter {inter.mean() - none_f1:+.3f}, random {rand.mean() - none_f1:+.3f}; "
+                        f"inter - random {gain.text()}{_why(gain)}")
+            else:
+                gain, status = None, "inconclusive"
+                note = next((r["note"] for r in rows if r["note"]), "no inter or random runs")
+                said = f"not decided ({note})"
             details.append(
                 {
                     "task": task,
                     "variant": v,
-                    "f1_none": s["none"]["f1"],
-                    "gain_inter": inter,
-                    "gain_random": rand,
-                    "status": _status(inter > 0 and inter > rand) if decided else "inconclusive",
-                    "summary": f"{task}/{v} (F1 {s['none']['f1']:.3f}): "
-                    f"gain inter {a.fmt(inter)} vs random {a.fmt(rand)}",
+                    "f1_none": none_f1,
+                    **(_interval_fields(gain) if gain else {}),
+                    "status": status,
+                    "summary": f"{task}/{v} (F1 {none_f1:.3f}): {said}",
                 }
             )
-    criterion = (
-        "for the lower-F1 half of the patched synthetic variants: "
-        "gain(inter) > 0 and gain(inter) > gain(random)"
-    )
+    criterion = ("for the lower-F1 half of the patched synthetic variants: F1(patched H_inter) - "
+                 "F1(patched random heads), paired over examples: its 95% bootstrap interval above 0")
     return _finding("Patching intersection heads helps the weakest synthetic variants", criterion, details)
 
 
@@ -216,7 +267,3 @@ def _finding(claim: str, criterion: str, details: list[dict]) -> dict:
     else:
         status = "partial"
     return {"claim": claim, "criterion": criterion, "status": status, "details": details}
-
-
-def _status(ok: bool) -> str:
-    return "reproduced" if ok else "not reproduced"

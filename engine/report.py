@@ -25,8 +25,7 @@ from rich.table import Table
 from engine import artifacts as a
 from engine import figures
 from engine.artifacts import ReportError  # noqa: F401  (re-exported)
-from engine.findings import (KNOCKOUT_MIN_DROP, KNOCKOUT_RATIO, SPEARMAN_P, COMPETENCE_F1,  # noqa: F401
-                             compute_findings, task_competence)
+from engine.findings import COMPETENCE_F1, compute_findings, knockout_tests, task_competence
 from engine.store import write_text
 
 NOT_RUN = "_not run_"
@@ -164,11 +163,17 @@ def _knockout_md(run: Path, tasks: list[str], fig_dir: Path) -> list[str]:
                 continue
             unmasked = a.unmasked_f1(run, task, v, rows)
             lines += [f"### {task} / {v} (unmasked F1 {a.fmt(unmasked)})", ""]
+            tests = {t["k"]: t for t in knockout_tests(rows)}
             body = [
-                [s["k"], a.fmt(s["top"]), f"{a.fmt(s['random_mean'])} ± {a.fmt(s['random_std'])}", s["n_seeds"]]
+                [s["k"], a.fmt(s["top"]), f"{a.fmt(s['random_mean'])} ± {a.fmt(s['random_std'])}", s["n_seeds"],
+                 tests[s["k"]]["extra_drop"].text() if s["k"] in tests else "–",
+                 a.fmt(tests.get(s["k"], {}).get("p_value", math.nan), 4),
+                 a.fmt(tests.get(s["k"], {}).get("p_adjusted", math.nan), 4)]
                 for s in summary
             ]
-            lines += _md_table(["k", "F1 top-k masked", "F1 random k masked (mean ± std)", "seeds"], body)
+            header = ["k", "F1 top-k masked", "F1 random k masked (mean ± std)", "seeds",
+                      "extra drop of top-k [95% CI]", "p (paired)", "p (BH)"]
+            lines += _md_table(header, body)
             curve = {key: [s[key] for s in summary] for key in ("k", "top", "random_mean", "random_std")}
             path = figures.knockout_curve(
                 curve["k"],

@@ -1,3 +1,4 @@
+import itertools
 import math
 from pathlib import Path
 
@@ -5,7 +6,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from scipy import stats
 
 from analyses.overlap import (
     OverlapError,
@@ -97,11 +97,16 @@ def test_cosine_matches_numpy_by_hand():
         cosine_similarity(a, np.zeros((3, 2)))
 
 
-def test_spearman_matches_scipy_and_hand_ranks():
+def test_spearman_rho_by_hand_and_exact_permutation_p():
     x, y = [0.1, 0.5, 0.3, 0.9, 0.7], [0.2, 0.1, 0.4, 0.8, 0.6]
-    ref = stats.spearmanr(x, y)
     got = spearman(x, y)
-    assert (got.rho, got.p_value, got.n) == pytest.approx((ref.statistic, ref.pvalue, 5))
+    # Ranks x: 1 3 2 5 4, y: 2 1 3 5 4 -> sum d^2 = 1 + 4 + 1 = 6 -> rho = 1 - 6*6 / (5*24) = 0.7.
+    assert got.rho == pytest.approx(0.7) and got.n == 5
+    # p: the share of the 120 re-pairings whose |rho| reaches 0.7, counted from sum d^2.
+    ranks = [1, 3, 2, 5, 4]
+    hits = sum(abs(1 - 6 * sum((r - q) ** 2 for r, q in zip(ranks, perm)) / 120) >= 0.7 - 1e-9
+               for perm in itertools.permutations([2, 1, 3, 5, 4]))
+    assert got.p_value == pytest.approx(hits / 120)
     # Ranks x: 1 3 2 4, y: 1 4 2 3 -> sum d^2 = 2 -> rho = 1 - 6*2 / (4*15) = 0.8.
     assert spearman([0.1, 0.4, 0.2, 0.9], [10, 30, 20, 25]).rho == pytest.approx(0.8)
 
@@ -166,8 +171,8 @@ def test_spearman_across_variants_excludes_reference_and_base(tmp_path):
     recall = rows["recall_vs_real"]
     assert recall["n"] == 4 and recall["rho"] == pytest.approx(1.0)
     assert sorted(recall["variants"]) == ["hh", "hl", "lh", "ll"]
-    ref = stats.spearmanr([0.2, 0.4, 0.6, 0.8], [0.1, 0.2, 0.3, 0.4])
-    assert recall["p_value"] == pytest.approx(ref.pvalue)
+    # rho = 1 over four points: 2 of the 4! re-pairings reach |rho| = 1.
+    assert recall["p_value"] == pytest.approx(2 / 24)
 
 
 def test_seeded_labels_use_first_real_seed_as_reference(tmp_path):

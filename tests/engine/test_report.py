@@ -15,7 +15,7 @@ from engine.report import compute_findings, print_summary, write_report
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 N_LAYERS, N_HEADS = 4, 8
 HEADS = [(l, h) for l in range(N_LAYERS) for h in range(N_HEADS)]
-F1 = {"real": 0.8, "hh": 0.6, "hl": 0.5, "ll": 0.3, "symbolic": 0.2, "base": 0.1}
+F1 = {"real": 0.8, "hh": 0.6, "hl": 0.5, "lh": 0.4, "ll": 0.3, "symbolic": 0.2, "base": 0.1}
 SECTIONS = (
     "## Table 1: F1 on the real task",
     "## Head recall and counts (Tables 5-10)",
@@ -34,33 +34,50 @@ def write(path: Path, rows: list[dict]) -> None:
     pq.write_table(pa.Table.from_pylist(rows), path)
 
 
-def write_eval(run: Path, task: str, variant: str, f1: float, heads: dict, kind: str) -> None:
+N_EXAMPLES = 20
+
+
+def ones(f1: float, n: int = N_EXAMPLES) -> list[float]:
+    """Per-example F1 of mean `f1` (a multiple of 1/n): the first round(f1 * n) examples right."""
+    k = round(f1 * n)
+    assert abs(k - f1 * n) < 1e-9, f"{f1} is not a multiple of 1/{n}"
+    return [1.0] * k + [0.0] * (n - k)
+
+
+def write_eval(run: Path, task: str, variant: str, f1: float, heads: dict, kind: str,
+               per_example: list[float] | None = None) -> None:
+    """Head scores and predictions; per-example F1 `per_example`, or two examples f1 -/+ 0.05."""
     scores = [
         {"layer": l, "head": h, "kind": kind, "score": heads.get((l, h), 0.0), "n_examples": 4} for l, h in HEADS
     ]
     for split in ("own", "real"):
         write(run / "eval" / task / variant / split / "head_scores.parquet", scores)
-    preds = [
-        {"id": str(i), "prediction": "a", "f1": f1 + d, "em": 0.0, "n_tokens": 2} for i, d in enumerate((-0.05, 0.05))
-    ]
+    values = per_example if per_example is not None else [f1 - 0.05, f1 + 0.05]
+    preds = [{"id": f"{i:03d}", "prediction": "a", "f1": v, "em": 0.0, "n_tokens": 2} for i, v in enumerate(values)]
     write(run / "eval" / task / variant / "real" / "predictions.parquet", preds)
 
 
 def write_knockout(run: Path, task: str, variant: str, unmasked: float, top: dict, random: dict) -> None:
-    rows = [{"k": 0, "selection": "top", "seed": -1, "heads": [], "f1": unmasked, "em": 0.0, "n": 2}]
+    """F1 per run as given; each run's per-example F1 is `ones` of it."""
+    def row(k, selection, seed, heads, f1):
+        return {"k": k, "selection": selection, "seed": seed, "heads": heads, "f1": f1, "em": 0.0,
+                "n": N_EXAMPLES, "example_f1": ones(f1)}
+
+    rows = [row(0, "top", -1, [], unmasked)]
     for k, f1 in top.items():
-        rows.append({"k": k, "selection": "top", "seed": -1, "heads": ["0.0"] * k, "f1": f1, "em": 0.0, "n": 2})
-        for seed, rf1 in enumerate(random[k]):
-            rows.append({"k": k, "selection": "random", "seed": seed, "heads": ["1.1"] * k, "f1": rf1, "em": 0, "n": 2})
+        rows.append(row(k, "top", -1, ["0.0"] * k, f1))
+        rows += [row(k, "random", seed, ["1.1"] * k, rf1) for seed, rf1 in enumerate(random[k])]
     write(run / "knockout" / task / variant / "knockout.parquet", rows)
 
 
 def write_patching(run: Path, task: str, variant: str, none: float, gains: dict) -> None:
+    """F1 of "none" and gains per set and seed; per-example F1 is `ones` of each F1."""
     sizes = {"em": 0.0, "size_inter": 5, "size_compl": 3}
-    rows = [{"set": "none", "n_heads": 0, "seed": -1, "f1": none, "gain": 0.0, **sizes}]
+    rows = [{"set": "none", "n_heads": 0, "seed": -1, "f1": none, "gain": 0.0, "example_f1": ones(none), **sizes}]
     for name, seed_gains in gains.items():
         for seed, g in enumerate(seed_gains):
-            rows.append({"set": name, "n_heads": 3, "seed": seed, "f1": none + g, "gain": g, **sizes})
+            rows.append({"set": name, "n_heads": 3, "seed": seed, "f1": none + g, "gain": g,
+                         "example_f1": ones(none + g), **sizes})
     write(run / "patching" / task / variant / "patching.parquet", rows)
 
 
@@ -72,13 +89,14 @@ def make_run(run: Path, knockout: bool = True, patching: bool = True) -> Path:
             # Synthetic models share more of the real model's heads the better they score.
             n_shared = 10 if variant == "real" else max(1, int(round(10 * f1)))
             heads = {h: float(rng.uniform(0.05, 1.0)) for h in real_heads[:n_shared] + HEADS[20 : 20 + (10 - n_shared)]}
-            write_eval(run, task, variant, f1 - (0.1 if task == "summhay" else 0.0), heads, KIND_BY_TASK[task])
+            mean = round(f1 - (0.1 if task == "summhay" else 0.0), 2)
+            write_eval(run, task, variant, mean, heads, KIND_BY_TASK[task], per_example=ones(mean))
     if knockout:
-        write_knockout(run, "mdqa", "real", 0.8, {2: 0.5, 4: 0.2}, {2: [0.78, 0.75, 0.8], 4: [0.7, 0.74, 0.72]})
+        write_knockout(run, "mdqa", "real", 0.8, {2: 0.5, 4: 0.2}, {2: [0.75, 0.75, 0.8], 4: [0.7, 0.75, 0.7]})
     if patching:
-        write_patching(run, "mdqa", "hh", 0.6, {"inter": [0.0], "compl": [0.02], "random": [0.01]})
-        write_patching(run, "mdqa", "ll", 0.3, {"inter": [0.15, 0.2], "compl": [0.05], "random": [0.02, 0.0, 0.01]})
-        write_patching(run, "mdqa", "symbolic", 0.2, {"inter": [0.25], "compl": [0.1], "random": [0.03]})
+        write_patching(run, "mdqa", "hh", 0.6, {"inter": [0.0], "compl": [0.05], "random": [0.05]})
+        write_patching(run, "mdqa", "ll", 0.3, {"inter": [0.15, 0.2], "compl": [0.05], "random": [0.05, 0.0, 0.05]})
+        write_patching(run, "mdqa", "symbolic", 0.2, {"inter": [0.25], "compl": [0.1], "random": [0.05]})
     run_overlap(run, ["mdqa", "summhay"], list(F1), KIND_BY_TASK)
     return run
 
@@ -106,10 +124,12 @@ def test_report_renders_every_section_and_valid_figures(tmp_path):
         assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.shape[1] > 100
     # Table 1: the mdqa column holds each variant's mean F1 from its predictions.
     assert "| hh | 0.600 | 0.500 |" in text and "| base | 0.100 | 0.000 |" in text
-    # Patching row of ll: mean over seeds of inter (0.175) and random (0.01).
-    assert "| mdqa | ll | 3 | 0.300 | 0.475 | 0.350 | 0.310 | 0.175 | 0.050 | 0.010 |" in text
-    # Knockout at k=4: random mean and sample std of (0.70, 0.74, 0.72).
-    assert f"| 4 | 0.200 | 0.720 ± {np.std([0.7, 0.74, 0.72], ddof=1):.3f} | 3 |" in text
+    # Patching row of ll: mean over seeds of inter (0.175) and random (0.0333).
+    assert "| mdqa | ll | 3 | 0.300 | 0.475 | 0.350 | 0.333 | 0.175 | 0.050 | 0.033 |" in text
+    # Knockout at k=4: random mean and sample std of (0.70, 0.75, 0.70); the top-k run loses
+    # examples 4-15 that the random runs keep (0.717 - 0.2 on average), p of the sign-flip test.
+    row = next(line for line in text.splitlines() if line.startswith("| 4 | 0.200 |"))
+    assert row.startswith(f"| 4 | 0.200 | 0.717 ± {np.std([0.7, 0.75, 0.7], ddof=1):.3f} | 3 | 0.517 [")
     findings = json.loads((run / "report" / "findings.json").read_text())
     assert [f["status"] for f in findings.values()] == ["reproduced"] * 4
 
@@ -134,22 +154,29 @@ def test_empty_run_renders_all_sections_as_not_run(tmp_path):
     assert all(f["status"] == "not run" for f in compute_findings(tmp_path).values())
 
 
-@pytest.mark.parametrize("real_f1, expected", [(0.65, "reproduced"), (0.55, "not reproduced")])
-def test_finding_real_beats_best_synthetic(tmp_path, real_f1, expected):
-    for variant, f1 in {"real": real_f1, "hh": 0.6, "ll": 0.2, "real_limited": 0.9, "base": 0.95}.items():
-        write_eval(tmp_path, "musique", variant, f1, {(0, 0): 1.0}, "retrieval")
+@pytest.mark.parametrize("real, expected", [
+    (ones(0.8), "reproduced"),  # right on 4 more examples than hh: +0.2, interval above 0
+    (ones(0.4), "not reproduced"),  # 4 fewer: -0.2
+    ([0.0] + ones(0.6)[:-1], "inconclusive"),  # one example lost, another won: 0, interval spans 0
+])
+def test_finding_real_beats_best_synthetic(tmp_path, real, expected):
+    for variant, vec in {"real": real, "hh": ones(0.6), "ll": ones(0.2), "real_limited": ones(0.9),
+                         "base": ones(0.95)}.items():
+        write_eval(tmp_path, "musique", variant, float(np.mean(vec)), {(0, 0): 1.0}, "retrieval", per_example=vec)
     finding = compute_findings(tmp_path)["real_beats_synthetic"]
     (detail,) = finding["details"]
-    assert finding["status"] == expected
     assert detail["best_synthetic"] == "hh" and detail["best_synthetic_f1"] == pytest.approx(0.6)
+    assert detail["estimate"] == pytest.approx(np.mean(real) - 0.6) and detail["n"] == N_EXAMPLES
+    assert detail["status"] == expected and finding["status"] == expected
+    assert ("95% CI spans 0" in detail["summary"]) == (expected == "inconclusive")
 
 
 def test_tasks_the_real_model_does_not_do_decide_nothing(tmp_path):
-    """Real beats synthetic on summhay (0.25 vs 0.2), but below the competence bar that is
+    """Real beats synthetic on summhay (0.25 vs 0.05), but below the competence bar that is
     noise beating noise; musique, done at 0.65, decides the claim alone."""
     for task, real_f1 in (("summhay", 0.25), ("musique", 0.65)):
-        for variant, f1 in {"real": real_f1, "hh": 0.2, "ll": 0.1}.items():
-            write_eval(tmp_path, task, variant, f1, {(0, 0): 1.0}, "retrieval")
+        for variant, f1 in {"real": real_f1, "hh": 0.05, "ll": 0.0}.items():
+            write_eval(tmp_path, task, variant, f1, {(0, 0): 1.0}, "retrieval", per_example=ones(f1))
     finding = compute_findings(tmp_path)["real_beats_synthetic"]
     by_task = {d["task"]: d for d in finding["details"]}
     assert by_task["summhay"]["status"] == "inconclusive" and "below the bar" in by_task["summhay"]["summary"]
@@ -161,9 +188,9 @@ def test_tasks_the_real_model_does_not_do_decide_nothing(tmp_path):
 @pytest.mark.parametrize(
     "top_f1, random_f1, expected",
     [
-        (0.5, [0.7, 0.7, 0.7], "reproduced"),  # drop 0.3 vs 0.1: 3x and >= 0.05
-        (0.7, [0.72, 0.74, 0.76], "not reproduced"),  # drop 0.1 vs 0.06: under 2x
-        (0.77, [0.8, 0.8, 0.8], "not reproduced"),  # drop 0.03 vs 0: below 0.05 absolute
+        (0.5, [0.7, 0.7, 0.7], "reproduced"),  # top-k loses 4 more examples than random-k
+        (0.8, [0.6, 0.65, 0.6], "not reproduced"),  # random-k hurts more
+        (0.7, [0.7, 0.7, 0.7], "inconclusive"),  # the same examples: no difference
     ],
 )
 def test_finding_knockout(tmp_path, top_f1, random_f1, expected):
@@ -172,9 +199,25 @@ def test_finding_knockout(tmp_path, top_f1, random_f1, expected):
     write_knockout(tmp_path, "mdqa", "real", 0.8, {1: 0.1, 8: top_f1, 10: 0.0}, {1: [0.8] * 3, 8: random_f1, 10: []})
     finding = compute_findings(tmp_path)["knockout_top_vs_random"]
     (detail,) = finding["details"]
-    assert detail["k"] == 8 and detail["drop_top"] == pytest.approx(0.8 - top_f1)
-    assert detail["drop_random"] == pytest.approx(0.8 - np.mean(random_f1))
-    assert finding["status"] == expected
+    assert detail["k"] == 8 and detail["top_f1"] == pytest.approx(top_f1)
+    assert detail["random_f1_mean"] == pytest.approx(np.mean(random_f1))
+    assert detail["estimate"] == pytest.approx(np.mean(random_f1) - top_f1)
+    assert detail["status"] == expected and finding["status"] == expected
+
+
+def test_knockout_tests_adjust_p_values_across_k(tmp_path):
+    from engine.findings import knockout_tests
+    from engine.stats import benjamini_hochberg, paired_p_value
+
+    write_knockout(tmp_path, "mdqa", "real", 0.8, {1: 0.5, 2: 0.6, 4: 0.7}, {1: [0.8] * 3, 2: [0.75] * 3, 4: [0.8] * 3})
+    rows = pq.read_table(tmp_path / "knockout" / "mdqa" / "real" / "knockout.parquet").to_pylist()
+    tests = knockout_tests(rows)
+    raw = [paired_p_value(ones(r), ones(t)) for t, r in ((0.5, 0.8), (0.6, 0.75), (0.7, 0.8))]
+    assert [t["k"] for t in tests] == [1, 2, 4]
+    assert [t["p_value"] for t in tests] == pytest.approx(raw)
+    assert [t["p_adjusted"] for t in tests] == pytest.approx(benjamini_hochberg(raw))
+    # 6, 3 and 2 examples lost: the exact sign-flip p-values are 2/2^6, 2/2^3 and 2/2^2.
+    assert raw == pytest.approx([2 / 64, 2 / 8, 2 / 4])
 
 
 @pytest.mark.parametrize("sign, expected", [(1, "reproduced"), (-1, "not reproduced")])
@@ -187,7 +230,9 @@ def test_finding_recall_correlates_with_f1(tmp_path, sign, expected):
     run_overlap(tmp_path, ["mdqa"], ["real", "hh", "hl", "lh", "ll", "symbolic"], KIND_BY_TASK)
     finding = compute_findings(tmp_path)["recall_correlates_with_f1"]
     (detail,) = finding["details"]
+    # rho = +-1 over five points: two of the 5! pairings reach |rho| = 1.
     assert detail["n"] == 5 and detail["rho"] == pytest.approx(sign * 1.0)
+    assert detail["p_value"] == pytest.approx(2 / 120)
     assert finding["status"] == expected
 
 
@@ -198,26 +243,28 @@ def test_finding_recall_inconclusive_with_two_variants(tmp_path):
     run_overlap(tmp_path, ["mdqa"], ["real", "hh", "ll"], KIND_BY_TASK)
     finding = compute_findings(tmp_path)["recall_correlates_with_f1"]
     assert finding["status"] == "inconclusive" and finding["details"][0]["n"] == 2
-    assert "inconclusive" in write_report(tmp_path).read_text()
+    assert "3. **Recall of the real model's heads correlates with F1**: inconclusive." in write_report(
+        tmp_path).read_text()
     # NaN rho and p are written as null: findings.json stays strict JSON.
     text = (tmp_path / "report" / "findings.json").read_text()
     stored = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
     assert stored["recall_correlates_with_f1"]["details"][0]["rho"] is None
 
 
-@pytest.mark.parametrize("weak_inter, expected", [(0.1, "reproduced"), (0.01, "not reproduced")])
+@pytest.mark.parametrize("weak_inter, expected", [(0.3, "reproduced"), (0.0, "not reproduced")])
 def test_finding_patching_helps_weakest(tmp_path, weak_inter, expected):
     # The strongest variant hurts from patching in both cases; only the weaker half counts.
     write_patching(tmp_path, "musique", "hh", 0.7, {"inter": [-0.2], "random": [0.0]})
     write_patching(tmp_path, "musique", "hl", 0.6, {"inter": [-0.1], "random": [0.0]})
-    write_patching(tmp_path, "musique", "ll", 0.2, {"inter": [weak_inter], "random": [0.04, 0.02]})
-    write_patching(tmp_path, "musique", "symbolic", 0.1, {"inter": [0.2], "random": [0.0]})
+    write_patching(tmp_path, "musique", "ll", 0.2, {"inter": [weak_inter], "random": [0.1, 0.15]})
+    write_patching(tmp_path, "musique", "symbolic", 0.1, {"inter": [0.4], "random": [0.0]})
     finding = compute_findings(tmp_path)["patching_helps_weakest"]
     assert sorted(d["variant"] for d in finding["details"]) == ["ll", "symbolic"]
     ll = next(d for d in finding["details"] if d["variant"] == "ll")
-    assert ll["gain_random"] == pytest.approx(0.03)
-    assert finding["status"] == ("reproduced" if expected == "reproduced" else "partial")
+    # random seeds right on 6 and 7 examples, inter on 4 + 20 * weak_inter: per example means.
+    assert ll["estimate"] == pytest.approx(weak_inter + 0.2 - 0.325)
     assert ll["status"] == expected
+    assert finding["status"] == ("reproduced" if expected == "reproduced" else "partial")
 
 
 def test_print_summary_shows_table_and_findings(tmp_path):
@@ -226,7 +273,10 @@ def test_print_summary_shows_table_and_findings(tmp_path):
     print_summary(run, console)
     out = console.export_text()
     assert "Table 1" in out and "symbolic" in out and "0.200" in out
-    assert out.count("reproduced") >= 4
+    statuses = [line.split("│")[2].strip() for line in out.splitlines()
+                if line.startswith("│") and line.split("│")[2].strip() in ("reproduced", "not reproduced",
+                                                                            "inconclusive", "partial", "not run")]
+    assert statuses == ["reproduced"] * 4
 
 
 def test_malformed_artifact_names_file_and_column(tmp_path):
