@@ -264,8 +264,7 @@ def run_patchings(experiment: Experiment, store: RunStore, runs: Sequence[Run], 
     if not p.enabled:
         return
     for run in runs:
-        wanted = p.variants if p.variants is not None else cfg.SYNTHETIC_VARIANTS + ("real_limited",)
-        if run.variant not in wanted or not run.fine_tuned:
+        if not run.fine_tuned or not patched(p, run.variant):
             continue
         source = next((r for r in runs if r.task == run.task and r.variant == p.source and r.seed == run.seed
                        and r.overrides == run.overrides), None)
@@ -293,6 +292,14 @@ def run_patchings(experiment: Experiment, store: RunStore, runs: Sequence[Run], 
             **decode_settings(experiment),
         )
         store.mark_done(key, digest, out)
+
+
+def patched(p: cfg.PatchingConfig, variant: str) -> bool:
+    """Whether patching targets `variant`: the listed ones, by default every synthetic and every
+    limited variant (named limited subsets included)."""
+    if p.variants is not None:
+        return variant in p.variants
+    return cfg.variant_kind(variant) in (*cfg.SYNTHETIC_VARIANTS, cfg.LIMITED)
 
 
 def write_reports(experiment: Experiment, store: RunStore, runs: Sequence[Run]) -> Path:
