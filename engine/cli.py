@@ -105,7 +105,8 @@ def cmd_ls(args) -> int:
     table.add_column("variants")
     table.add_column("sources")
     for name, module in sorted(TASKS.items()):
-        table.add_row(name, ", ".join(module.VARIANTS + ("base",)), ", ".join(module.SOURCES))
+        named = ("real_limited_<name>",) if "real_limited" in module.VARIANTS else ()  # limited_variants
+        table.add_row(name, ", ".join(module.VARIANTS + ("base",) + named), ", ".join(module.SOURCES))
     console.print(table)
     root = Path(args.experiments)
     files = sorted(root.rglob("*.yaml")) if root.exists() else []

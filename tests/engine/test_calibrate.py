@@ -11,7 +11,6 @@ import pytest
 from engine.calibrate import calibrate, workload
 from engine.config import load_experiment
 from engine.cost import estimate_experiment
-from engine.cost_inputs import RATE_FIELDS
 from engine.models import load_tokenizer
 from engine.pipeline import plan
 
