@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from engine.config import variant_kind
+
 TASK_ORDER = ("mdqa", "musique", "summhay")
 VARIANT_ORDER = ("real", "real_limited", "hh", "hl", "lh", "ll", "symbolic", "base")
 SYNTHETIC = ("hh", "hl", "lh", "ll", "symbolic")
@@ -127,8 +129,10 @@ def base(label: str) -> str:
 
 
 def ordered_names(names) -> list[str]:
+    """Labels in the paper's variant order; named limited subsets (real_limited_l1, ...) sit
+    with real_limited, by name."""
     rank = {v: i for i, v in enumerate(VARIANT_ORDER)}
-    return sorted(names, key=lambda v: (rank.get(base(v), len(rank)), v))
+    return sorted(names, key=lambda v: (rank.get(variant_kind(base(v)), len(rank)), v))
 
 
 def ordered(rows: list[dict], key: str) -> list[dict]:

@@ -3,6 +3,7 @@
 Example:
     $ needlework validate experiments/demo.yaml
     $ needlework plan experiments/demo.yaml
+    $ needlework plan experiments/paper/llama3_8b_mdqa.yaml --cost
     $ needlework run experiments/demo.yaml train.lr=1e-4 --stages data,train
     $ needlework demo
 """
@@ -54,7 +55,25 @@ def cmd_plan(args) -> int:
     todo = sum(not r["done"] for r in rows)
     console.print(f"{todo} of {len(rows)} outputs to run; knockout {'on' if exp.knockout.enabled else 'off'} "
                   f"(k in {list(exp.knockout.ks)}), patching {'on' if exp.patching.enabled else 'off'}")
+    if args.cost:
+        from engine.cost import estimate_experiment
+
+        print_cost(estimate_experiment(exp, rows, args.cluster, args.prices, args.throughput), todo)
     return 0
+
+
+def print_cost(cost, todo: int) -> None:
+    """The cost table of `engine.cost.estimate` and the inputs behind it."""
+    table = Table(title=f"cost of the {todo} outputs to run, at the cluster's maximum size")
+    for col in ("stage", "jobs", "GPU-hours", "wall (h)", "USD", "note"):
+        table.add_column(col, justify="left" if col in ("stage", "note") else "right")
+    for s in (*cost.stages, cost.total):
+        table.add_row(s.stage, str(s.jobs), f"{s.gpu_hours:,.1f}", f"{s.wall_hours:,.1f}", f"{s.usd:,.0f}", s.note,
+                      style="bold" if s.stage == "total" else None)
+    console.print(table)
+    console.print(f"total USD includes the head node over the whole wall time: {cost.head_usd:,.0f}")
+    for line in cost.inputs:
+        console.print(f"  {line}")
 
 
 def cmd_run(args) -> int:
@@ -86,7 +105,8 @@ def cmd_ls(args) -> int:
     table.add_column("variants")
     table.add_column("sources")
     for name, module in sorted(TASKS.items()):
-        table.add_row(name, ", ".join(module.VARIANTS + ("base",)), ", ".join(module.SOURCES))
+        named = ("real_limited_<name>",) if "real_limited" in module.VARIANTS else ()  # limited_variants
+        table.add_row(name, ", ".join(module.VARIANTS + ("base",) + named), ", ".join(module.SOURCES))
     console.print(table)
     root = Path(args.experiments)
     files = sorted(root.rglob("*.yaml")) if root.exists() else []
@@ -193,7 +213,12 @@ def parser() -> argparse.ArgumentParser:
     s = with_experiment("run", "run every stage of an experiment")
     s.add_argument("--stages", help="comma-separated subset of: data,train,evaluate,knockout,patching,report")
     s.set_defaults(func=cmd_run)
-    with_experiment("plan", "show the expanded grid, resources, and what is already done").set_defaults(func=cmd_plan)
+    s = with_experiment("plan", "show the expanded grid, resources, and what is already done")
+    s.add_argument("--cost", action="store_true", help="estimate jobs, GPU-hours, wall time and price per stage")
+    s.add_argument("--cluster", help="cluster launcher YAML (default: cluster.yaml of the repository)")
+    s.add_argument("--prices", help="dated on-demand price table (default: prices.yaml of the repository)")
+    s.add_argument("--throughput", help="stated per-token costs (default: throughput.yaml of the repository)")
+    s.set_defaults(func=cmd_plan)
     with_experiment("validate", "check an experiment YAML").set_defaults(func=cmd_validate)
     for verb in ("train", "evaluate", "knockout", "patch"):
         with_experiment(verb, f"run the {STAGE_VERBS[verb]} stage alone").set_defaults(func=cmd_stage)
@@ -240,12 +265,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = parser().parse_args(argv)
     from engine.config import ConfigError
+    from engine.cost_inputs import CostError
     from engine.models import ModelError
     from engine.store import StoreError
 
     from tasks.build import DataError
 
-    errors = (ConfigError, ModelError, StoreError, DataError, FileNotFoundError)
+    errors = (ConfigError, CostError, ModelError, StoreError, DataError, FileNotFoundError)
     try:
         return args.func(args)
     except errors as err:

@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +27,11 @@ import yaml
 
 VARIANTS = ("real", "real_limited", "hh", "hl", "lh", "ll", "symbolic", "base")
 SYNTHETIC_VARIANTS = ("hh", "hl", "lh", "ll", "symbolic")
+LIMITED = "real_limited"
+# A named limited variant, `real_limited_<name>`: one more `real_limited` subset with its own
+# options (the paper's MDQA L1-L3). The name may not hold "-" or "@": labels append "-s<seed>"
+# and "@<key>=<value>" to it, and readers of the run directory split them off there.
+NAMED_LIMITED = re.compile(rf"{LIMITED}_[a-z0-9_]+")
 STAGES = ("data", "train", "evaluate", "knockout", "patching", "report")
 
 
@@ -52,6 +58,8 @@ class TaskConfig:
     sources: dict = field(default_factory=dict)  # source key -> local path
     options: dict = field(default_factory=dict)  # task options, validated by the task
     limited_options: dict = field(default_factory=dict)  # extra options of real_limited
+    # named limited variants: `real_limited_<name>` -> its options (instead of limited_options)
+    limited_variants: dict = field(default_factory=dict)
     variant_options: dict = field(default_factory=dict)  # variant -> options for that variant only
     n_train: int = 400
     n_eval: int = 100
@@ -73,6 +81,7 @@ class TrainConfig:
     warmup_ratio: float = 0.0
     weight_decay: float = 0.0
     max_length: int = 32768
+    gradient_checkpointing: bool = False  # recompute activations in backward: 32K contexts on 7-8B models
     num_workers: int = 1
     cpus_per_worker: float = 1
     gpus_per_worker: float = 0
@@ -241,17 +250,28 @@ def _parse_task(name: str, body: dict, source: str) -> TaskConfig:
     except (KeyError, ValueError) as err:
         raise ConfigError(f"{source}: tasks.{name}: {err}") from err
     config = build(TaskConfig, {"name": name, **body}, f"{source}: tasks.{name}")
+    for limited, options in config.limited_variants.items():
+        if LIMITED not in module.VARIANTS:
+            raise ConfigError(f"{source}: tasks.{name}.limited_variants: {name} has no {LIMITED} variant")
+        if not NAMED_LIMITED.fullmatch(str(limited)) or not isinstance(options, dict):
+            raise ConfigError(f"{source}: tasks.{name}.limited_variants: {limited!r} must be named "
+                              f"{LIMITED}_<name> (lower-case letters, digits, _) and map to options")
+    known = (*module.VARIANTS, *config.limited_variants)
+    valid = [v for v in VARIANTS if v in module.VARIANTS or v == "base"] + list(config.limited_variants)
     for variant in config.variants:
-        if variant not in VARIANTS or (variant not in module.VARIANTS and variant != "base"):
-            valid = [v for v in VARIANTS if v in module.VARIANTS or v == "base"]
-            raise ConfigError(
-                f"{source}: tasks.{name}.variants: unknown variant {variant!r}; valid: {', '.join(valid)}"
-            )
+        if variant in valid:
+            continue
+        if variant_kind(variant) == LIMITED and LIMITED in module.VARIANTS:
+            declared = ", ".join(config.limited_variants) or "none"
+            raise ConfigError(f"{source}: tasks.{name}.variants: {variant!r} is not declared in "
+                              f"tasks.{name}.limited_variants (declared: {declared})")
+        raise ConfigError(f"{source}: tasks.{name}.variants: unknown variant {variant!r}; valid: {', '.join(valid)}")
     for variant, options in config.variant_options.items():
-        if variant not in module.VARIANTS or not isinstance(options, dict):
+        if variant not in known or not isinstance(options, dict):
             raise ConfigError(f"{source}: tasks.{name}.variant_options: {variant!r} must be a variant of "
-                              f"{name} ({', '.join(module.VARIANTS)}) mapping to options")
+                              f"{name} ({', '.join(known)}) mapping to options")
     option_sets = {"options": config.options, "limited_options": config.limited_options,
+                   **{f"limited_variants.{v}": o for v, o in config.limited_variants.items()},
                    **{f"variant_options.{v}": o for v, o in config.variant_options.items()}}
     for key, options in option_sets.items():
         unknown = sorted(set(options) - set(module.OPTIONS))
@@ -266,6 +286,11 @@ def _parse_task(name: str, body: dict, source: str) -> TaskConfig:
             f"{source}: tasks.{name}.sources: unknown source {unknown[0]!r}; valid: {', '.join(module.SOURCES)}"
         )
     return config
+
+
+def variant_kind(variant: str) -> str:
+    """The task variant a name builds: `real_limited_l1` is a `real_limited`; others are themselves."""
+    return LIMITED if NAMED_LIMITED.fullmatch(variant) else variant
 
 
 def build(cls, data: Any, where: str, prebuilt: set[str] = frozenset()):
@@ -388,9 +413,13 @@ def expand(experiment: Experiment) -> list[Run]:
 
 
 def task_options(task: TaskConfig, variant: str) -> dict:
-    """The options one variant is built with: shared, then real_limited's, then its own."""
-    return {**task.options, **(task.limited_options if variant == "real_limited" else {}),
-            **task.variant_options.get(variant, {})}
+    """The options one variant is built with: shared, then its limited set's, then its own.
+
+    `real_limited` takes `limited_options`; a named limited variant takes its entry of
+    `limited_variants` instead, so each subset is exactly what its own entry says.
+    """
+    limited = task.limited_options if variant == LIMITED else task.limited_variants.get(variant, {})
+    return {**task.options, **limited, **task.variant_options.get(variant, {})}
 
 
 def train_config(experiment: Experiment, run: Run) -> TrainConfig:
@@ -420,12 +449,15 @@ def _jsonable(value: Any) -> Any:
 def data_hash(experiment: Experiment, run: Run) -> str:
     task = experiment.task(run.task)
     variant = "real" if run.variant == "base" else run.variant
-    task_part = dataclasses.replace(task, variants=(), head_kind=None, variant_options={},
+    # Only what builds this variant: its resolved options, not other variants' (so declaring or
+    # changing one limited subset leaves every other dataset done).
+    task_part = dataclasses.replace(task, variants=(), head_kind=None, options={}, limited_options={},
+                                    limited_variants={}, variant_options={},
                                     n_eval=task.n_eval if variant == "real" else 0)
     synth = experiment.synth if variant in SYNTHETIC_VARIANTS else None
     # Datasets do not depend on the training seed: every seed of a variant trains on the same data.
     return content_hash("data", experiment.model.path, experiment.miniature, task_part, variant, synth,
-                        task.variant_options.get(variant, {}))
+                        task_options(task, variant))
 
 
 def train_hash(experiment: Experiment, run: Run) -> str:

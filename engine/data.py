@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -54,7 +55,8 @@ def build_task_data(task: str, variant: str, *, sources: dict, options: dict, to
     """Builds and writes one task x variant dataset; returns its stats.
 
     Args:
-        task, variant: registry names (`tasks.TASKS`, the task's VARIANTS).
+        task, variant: registry names (`tasks.TASKS`, the task's VARIANTS), or a named limited
+            variant `real_limited_<name>`: built as `real_limited` and labelled with its name.
         sources: local source paths by key (the task's SOURCES).
         options: task options from the experiment YAML.
         tokenizer: a tokenizer or the path of the model whose tokenizer to use.
@@ -65,8 +67,11 @@ def build_task_data(task: str, variant: str, *, sources: dict, options: dict, to
         out_dir: directory receiving the Parquet files and stats.json.
         synth: synthesizer for LLM-written text, or None for templates.
     """
+    from engine.config import variant_kind
+
     module = get_task(task)
-    if variant not in module.VARIANTS:
+    kind = variant_kind(variant)
+    if kind not in module.VARIANTS:
         raise DataError(f"{task}: unknown variant {variant!r}; valid: {', '.join(module.VARIANTS)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -74,9 +79,9 @@ def build_task_data(task: str, variant: str, *, sources: dict, options: dict, to
     common = dict(sources=sources, options=options, tokenizer=tok, target_tokens=target_tokens, seed=seed,
                   synth=synth)
     dropped = {}
-    result = module.build(variant, n=n_train, split="train", **common)
+    result = module.build(kind, n=n_train, split="train", **common)
     dropped["train"] = result.dropped
-    examples = list(result.examples)
+    examples = [_labelled(e, task, kind, variant) for e in result.examples]
     _check_not_empty(examples, task, variant, "train", sources, result.dropped)
     eval_examples = None
     if variant == "real" and n_eval > 0:
@@ -96,6 +101,15 @@ def build_task_data(task: str, variant: str, *, sources: dict, options: dict, to
     stats = dataset_stats(out_dir)
     _atomic_json(stats, out_dir / "stats.json")
     return stats
+
+
+def _labelled(example, task: str, kind: str, name: str):
+    """The example under its variant's name (a named limited variant is built as `kind`)."""
+    if name == kind:
+        return example
+    prefix = f"{task}-{kind}-"
+    new_id = f"{task}-{name}-{example.id[len(prefix):]}" if example.id.startswith(prefix) else example.id
+    return dataclasses.replace(example, variant=name, id=new_id)
 
 
 def _check_not_empty(examples, task, variant, split, sources, dropped) -> None:

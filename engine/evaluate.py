@@ -146,8 +146,14 @@ class LoadedModels:
 
 
 def load_models(job: EvalJob) -> LoadedModels:
-    """Loads the job's model (adapter merged), tokenizer and patch source."""
+    """Loads the job's model (adapter merged), tokenizer and patch source: in bfloat16 on the
+    actor's GPU when it has one (Ray exposes only the GPUs it reserved), else float32 on the CPU."""
+    import torch
+
     from engine.models import load_tokenizer, load_trained
+
+    on_gpu = torch.cuda.is_available()
+    placement = dict(device="cuda", dtype=torch.bfloat16) if on_gpu else dict(device="cpu", dtype=torch.float32)
 
     def load(ref: ModelRef):
         return load_trained(
@@ -156,6 +162,7 @@ def load_models(job: EvalJob) -> LoadedModels:
             rope_base=ref.rope_base,
             sliding_window=ref.sliding_window,
             trust_remote_code=ref.trust_remote_code,
+            **placement,
         )
 
     source = load(job.patch_source) if job.patch_source is not None else None

@@ -237,8 +237,7 @@ def run_knockouts(experiment: Experiment, store: RunStore, runs: Sequence[Run], 
     for run in runs:
         if run.variant not in k.variants:
             continue
-        key = f"knockout/{run.task}/{run.label}"
-        digest = cfg.content_hash(cfg.eval_hash(experiment, run, "own"), cfg.eval_hash(experiment, run, "real"), k)
+        key, digest = f"knockout/{run.task}/{run.label}", knockout_hash(experiment, run)
         if store.is_done(key, digest):
             continue
         out = store.path("knockout", run.task, run.label)
@@ -264,17 +263,10 @@ def run_patchings(experiment: Experiment, store: RunStore, runs: Sequence[Run], 
     if not p.enabled:
         return
     for run in runs:
-        wanted = p.variants if p.variants is not None else cfg.SYNTHETIC_VARIANTS + ("real_limited",)
-        if run.variant not in wanted or not run.fine_tuned:
-            continue
-        source = next((r for r in runs if r.task == run.task and r.variant == p.source and r.seed == run.seed
-                       and r.overrides == run.overrides), None)
+        source = patch_source(experiment, runs, run)
         if source is None:
             continue
-        key = f"patching/{run.task}/{run.label}"
-        digest = cfg.content_hash(
-            *(cfg.eval_hash(experiment, r, s) for r in (run, source) for s in ("own", "real")), p
-        )
+        key, digest = f"patching/{run.task}/{run.label}", patching_hash(experiment, run, source)
         if store.is_done(key, digest):
             continue
         out = store.path("patching", run.task, run.label)
@@ -293,6 +285,33 @@ def run_patchings(experiment: Experiment, store: RunStore, runs: Sequence[Run], 
             **decode_settings(experiment),
         )
         store.mark_done(key, digest, out)
+
+
+def knockout_hash(experiment: Experiment, run: Run) -> str:
+    return cfg.content_hash(cfg.eval_hash(experiment, run, "own"), cfg.eval_hash(experiment, run, "real"),
+                            experiment.knockout)
+
+
+def patched(p: cfg.PatchingConfig, variant: str) -> bool:
+    """Whether patching targets `variant`: the listed ones, by default every synthetic and every
+    limited variant (named limited subsets included)."""
+    if p.variants is not None:
+        return variant in p.variants
+    return cfg.variant_kind(variant) in (*cfg.SYNTHETIC_VARIANTS, cfg.LIMITED)
+
+
+def patch_source(experiment: Experiment, runs: Sequence[Run], run: Run) -> Run | None:
+    """The run whose heads are patched into `run` (same task, seed and sweep), or None when
+    `run` is not patched."""
+    if not run.fine_tuned or not patched(experiment.patching, run.variant):
+        return None
+    return next((r for r in runs if r.task == run.task and r.variant == experiment.patching.source
+                 and r.seed == run.seed and r.overrides == run.overrides), None)
+
+
+def patching_hash(experiment: Experiment, run: Run, source: Run) -> str:
+    return cfg.content_hash(*(cfg.eval_hash(experiment, r, s) for r in (run, source) for s in ("own", "real")),
+                            experiment.patching)
 
 
 def write_reports(experiment: Experiment, store: RunStore, runs: Sequence[Run]) -> Path:
@@ -364,27 +383,31 @@ class StageTimer:
 
 
 def plan(experiment: Experiment) -> list[dict]:
-    """What `run` would do: one row per grid cell and stage, with whether it is already done."""
+    """What `run` would do: one row per grid cell and stage output, with whether it is already done."""
     store = RunStore(experiment.resolved_run_dir())
+    runs = cfg.expand(experiment)
+    e, k = experiment.evaluate, experiment.knockout
+    actor = f"actor({e.cpus_per_actor} CPU, {e.gpus_per_actor} GPU)"
     rows = []
-    for run in cfg.expand(experiment):
+    for run in runs:
         train = cfg.train_config(experiment, run)
         checks = [("data", f"data/{run.task}/{'real' if run.variant == 'base' else run.variant}",
-                   cfg.data_hash(experiment, run))]
+                   cfg.data_hash(experiment, run), "driver")]
         if run.fine_tuned:
-            checks.append(("train", f"train/{run.task}/{run.label}", cfg.train_hash(experiment, run)))
+            checks.append(("train", f"train/{run.task}/{run.label}", cfg.train_hash(experiment, run),
+                           f"{train.num_workers}x({train.cpus_per_worker} CPU, {train.gpus_per_worker} GPU)"))
         for split in ("real", "own"):
             checks.append((f"evaluate:{split}", f"evaluate/{run.task}/{run.label}/{split}",
-                           cfg.eval_hash(experiment, run, split)))
-        for stage, key, digest in checks:
-            rows.append({
-                "task": run.task, "run": run.label, "stage": stage, "hash": digest,
-                "done": store.is_done(key, digest),
-                "resources": (f"{train.num_workers}x({train.cpus_per_worker} CPU, {train.gpus_per_worker} GPU)"
-                              if stage == "train" else
-                              f"actor({experiment.evaluate.cpus_per_actor} CPU, {experiment.evaluate.gpus_per_actor} GPU)"
-                              if stage.startswith("evaluate") else "driver"),
-            })
+                           cfg.eval_hash(experiment, run, split), actor))
+        if k.enabled and run.variant in k.variants:
+            checks.append(("knockout", f"knockout/{run.task}/{run.label}", knockout_hash(experiment, run), actor))
+        source = patch_source(experiment, runs, run) if experiment.patching.enabled else None
+        if source is not None:
+            checks.append(("patching", f"patching/{run.task}/{run.label}", patching_hash(experiment, run, source),
+                           actor))
+        for stage, key, digest, resources in checks:
+            rows.append({"task": run.task, "run": run.label, "variant": run.variant, "stage": stage,
+                         "hash": digest, "done": store.is_done(key, digest), "resources": resources})
     return rows
 
 

@@ -2,7 +2,8 @@
 
 Real: a question, its gold passage and distractor passages (Liu et al. 2024, "Lost in the
 Middle"), extended to the target length with passages from a pool ranked for the question
-(BM25 by default, most relevant first), the gold passage at a configurable position.
+(BM25 by default; a dense encoder such as the paper's Contriever as an option), most relevant
+first, the gold passage at a configurable position.
 `real_limited` keeps questions of some types (who / when / where). Synthetic variants, a
 2x2 grid of needle concept expression x haystack diversity plus symbolic:
   hh: a fictional-entity paragraph with a QA pair, among other fictional paragraphs;
@@ -35,7 +36,7 @@ from tasks.build import (BuildResult, DataError, count, generate, in_eval_partit
 from tasks.example import Example
 from tasks.fitting import Draft, FitRequest, TokenCounter, fit_stream
 from tasks.haystack import Doc, Plain, filler_stream, needle_marks, segments, take_tokens
-from tasks.retrieval import rank_bm25, rank_dense
+from tasks.retrieval import SIMILARITIES, rank_bm25, rank_dense
 from tasks.text import best_f1_em, contains_answer, find_all, first_answer_line, locate_answers, normalize_answer
 
 NAME = "mdqa"
@@ -46,8 +47,10 @@ STOP_STRINGS = ("\n",)
 SOURCES = ("train", "eval", "pool")
 OPTIONS = {
     "gold_position": "random",  # "random", a 0-based document index, or a depth in [0, 1] as float
-    "retriever": "bm25",  # or "dense" with `dense_model`: a local HF encoder path
+    "retriever": "bm25",  # or "dense" with `dense_model`: an HF encoder (local path or hub id)
     "dense_model": None,
+    "dense_similarity": "cosine",  # or "dot": Contriever's own scoring (unnormalized inner product)
+    "dense_revision": None,  # hub revision of dense_model (a branch, tag or commit)
     "question_types": ["who", "when", "where"],  # real_limited: first word of the question
     "symbolic_keys": "uuid",  # symbolic: "uuid" (as kv-retrieval) or "symbol" (4-char symbols)
     **fiction.OPTIONS_DEFAULTS,
@@ -201,8 +204,12 @@ def _rank(opts, questions, pool, k) -> list[list[int]]:
         return rank_bm25(questions, corpus, k)
     if opts["retriever"] == "dense":
         if not opts["dense_model"]:
-            raise DataError("mdqa: retriever 'dense' needs option dense_model (a local encoder path)")
-        return rank_dense(questions, corpus, k, opts["dense_model"])
+            raise DataError("mdqa: retriever 'dense' needs option dense_model (an encoder: local path or hub id)")
+        if opts["dense_similarity"] not in SIMILARITIES:
+            raise DataError(f"mdqa: option dense_similarity must be one of {', '.join(SIMILARITIES)}, "
+                            f"got {opts['dense_similarity']!r}")
+        return rank_dense(questions, corpus, k, opts["dense_model"], similarity=opts["dense_similarity"],
+                          revision=opts["dense_revision"])
     raise DataError(f"mdqa: option retriever must be 'bm25' or 'dense', got {opts['retriever']!r}")
 
 

@@ -2,8 +2,11 @@
 
 Liu et al. (2024, "Lost in the Middle") build MDQA contexts from passages retrieved for the
 question, most relevant first; Zhao et al. (2025) extend MDQA to 32K tokens the same way.
-BM25 is `bm25s`; the dense option mean-pools the last hidden states of a local HF encoder
-(any `AutoModel` path; no download) and ranks by cosine similarity.
+BM25 is `bm25s`; the dense option mean-pools the last hidden states of an HF encoder (any
+`AutoModel`: a local directory, or a hub id fetched by transformers where the hub is reachable)
+and ranks by cosine similarity or, as Contriever itself scores (Izacard et al. 2022; the
+`facebook/contriever` model card: mean pooling, then `embeddings[0] @ embeddings[1]`), by the
+dot product of the unnormalized embeddings.
 
 Example:
     >>> rank_bm25(["capital of france"], ["Paris is the capital of France.", "Cats purr."], k=2)
@@ -13,6 +16,8 @@ Example:
 from __future__ import annotations
 
 import numpy as np
+
+SIMILARITIES = ("cosine", "dot")
 
 
 def rank_bm25(queries: list[str], corpus: list[str], k: int) -> list[list[int]]:
@@ -32,29 +37,34 @@ def rank_bm25(queries: list[str], corpus: list[str], k: int) -> list[list[int]]:
 
 
 def rank_dense(queries: list[str], corpus: list[str], k: int, model_path: str, batch_size: int = 16,
-               max_length: int = 512) -> list[list[int]]:
-    """Like `rank_bm25`, by cosine similarity of mean-pooled encoder states.
+               max_length: int = 512, similarity: str = "cosine", revision: str | None = None) -> list[list[int]]:
+    """Like `rank_bm25`, by the similarity of mean-pooled encoder states.
 
     Args:
         queries: one text per question.
         corpus: the passages to rank.
         k: how many indices to return per query, best first.
-        model_path: a local HF encoder directory (`AutoModel` + `AutoTokenizer`); nothing is
-            downloaded.
+        model_path: an HF encoder (`AutoModel` + `AutoTokenizer`): a local directory, or a hub
+            id such as "facebook/contriever", which transformers downloads unless the hub is
+            offline. Weights load from safetensors only.
         batch_size: texts per forward pass.
         max_length: longest input in tokens; capped by the encoder's own position limit.
+        similarity: "cosine" (normalized embeddings) or "dot" (Contriever's inner product).
+        revision: the hub revision (branch, tag or commit) of `model_path`, None for the default.
 
     Returns:
-        For each query, the indices of its `k` most similar passages: cosine similarity of the
-        mean over non-padding positions of the last hidden states.
+        For each query, the indices of its `k` most similar passages: `similarity` of the mean
+        over non-padding positions of the last hidden states.
     """
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_path)
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"dense similarity must be one of {', '.join(SIMILARITIES)}, got {similarity!r}")
+    tok = AutoTokenizer.from_pretrained(model_path, revision=revision)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModel.from_pretrained(model_path).eval()
+    model = AutoModel.from_pretrained(model_path, revision=revision, use_safetensors=True).eval()
     # Truncate to what the encoder can position (a tokenizer saved without a limit says ~1e30).
     limits = [max_length, getattr(model.config, "max_position_embeddings", max_length)]
     if tok.model_max_length and tok.model_max_length < 1_000_000:
@@ -69,8 +79,8 @@ def rank_dense(queries: list[str], corpus: list[str], k: int, model_path: str, b
                         return_tensors="pt")
             hidden = model(**batch).last_hidden_state  # [batch, pos, d_model]
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-            out.append(torch.nn.functional.normalize(pooled.float(), dim=-1))
+            pooled = ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).float()  # [batch, d_model]
+            out.append(torch.nn.functional.normalize(pooled, dim=-1) if similarity == "cosine" else pooled)
         return torch.cat(out)
 
     k = min(k, len(corpus))

@@ -186,3 +186,38 @@ def test_seeded_labels_use_first_real_seed_as_reference(tmp_path):
     assert counts["hh-s0"]["recall_vs_real"] == pytest.approx(0.25)
     spearman_rows = pq.read_table(paths["mdqa"]["spearman"]).to_pylist()
     assert all(r["variants"] == ["hh-s0"] for r in spearman_rows)
+
+
+def test_named_limited_subsets_are_recall_rows_and_spearman_points(tmp_path):
+    # The paper's MDQA L1-L3 (Tables 5, 8, 14): three limited subsets, each its own model.
+    # H_real = 10 heads; each subset shares a different number of them, plus heads of its own.
+    real = {h: 1.0 for h in ALL_HEADS[:10]}
+    models = {
+        "real": (real, [0.9]),
+        "real_limited_l1": ({h: 0.5 for h in ALL_HEADS[:8] + ALL_HEADS[100:102]}, [0.7]),  # 8 shared, |H| 10
+        "real_limited_l2": ({h: 0.5 for h in ALL_HEADS[:5] + ALL_HEADS[100:103]}, [0.5]),  # 5 shared, |H| 8
+        "real_limited_l3": ({h: 0.5 for h in ALL_HEADS[:2]}, [0.2]),  # 2 shared, |H| 2
+        "hh": ({h: 0.5 for h in ALL_HEADS[:4] + ALL_HEADS[200:206]}, [0.4]),  # 4 shared, |H| 10
+        "base": ({ALL_HEADS[0]: 1.0}, [0.95]),
+    }
+    for v, (scores, f1) in models.items():
+        write_scores(tmp_path / "eval/mdqa" / v / "own/head_scores.parquet", scores)
+        write_predictions(tmp_path / "eval/mdqa" / v / "real/predictions.parquet", f1)
+    paths = run_overlap(tmp_path, ["mdqa"], list(models), {"mdqa": "retrieval"})
+
+    cells = {(r["row"], r["column"]): r["recall"] for r in pq.read_table(paths["mdqa"]["recall"]).to_pylist()}
+    assert cells["real_limited_l1", "real"] == 8 / 10
+    assert cells["real_limited_l2", "real"] == 5 / 10
+    assert cells["real_limited_l3", "real"] == 2 / 10
+    assert cells["real", "real_limited_l2"] == 5 / 8
+    assert cells["real_limited_l1", "real_limited_l2"] == 7 / 8  # 5 real heads + heads 100, 101
+    assert cells["real_limited_l2", "real_limited_l3"] == 2 / 2
+    assert cells["hh", "real_limited_l1"] == 4 / 10
+    counts = {r["variant"]: r for r in pq.read_table(paths["mdqa"]["counts"]).to_pylist()}
+    assert [counts[v]["n_heads"] for v in ("real_limited_l1", "real_limited_l2", "real_limited_l3")] == [10, 8, 2]
+    rows = {r["metric"]: r for r in pq.read_table(paths["mdqa"]["spearman"]).to_pylist()}
+    recall = rows["recall_vs_real"]
+    assert recall["variants"] == ["real_limited_l1", "real_limited_l2", "real_limited_l3", "hh"]
+    # recall 0.8, 0.5, 0.2, 0.4 against F1 0.7, 0.5, 0.2, 0.4: identical ranks
+    ref = stats.spearmanr([0.8, 0.5, 0.2, 0.4], [0.7, 0.5, 0.2, 0.4])
+    assert recall["n"] == 4 and recall["rho"] == pytest.approx(1.0) and recall["p_value"] == pytest.approx(ref.pvalue)

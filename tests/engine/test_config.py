@@ -14,8 +14,10 @@ from engine.config import (
     eval_hash,
     expand,
     load_experiment,
+    task_options,
     train_config,
     train_hash,
+    variant_kind,
 )
 
 YAML = """
@@ -164,3 +166,70 @@ def test_run_dir_is_absolute_for_workers_elsewhere(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exp = load_experiment(write(tmp_path, YAML + "run_dir: runs/x\n"))
     assert exp.resolved_run_dir() == tmp_path / "runs" / "x"
+
+
+LIMITED_YAML = """
+name: limited
+model: {name: tiny, path: /models/tiny}
+tasks:
+  mdqa:
+    variants: [real, real_limited, real_limited_l1, real_limited_l3, hh, base]
+    options: {gold_position: 0}
+    limited_options: {question_types: [what]}
+    limited_variants:
+      real_limited_l1: {question_types: [who, when, where]}
+      real_limited_l3: {question_types: [who]}
+"""
+
+
+def test_named_limited_variants_each_take_their_own_options(tmp_path):
+    exp = load_experiment(write(tmp_path, LIMITED_YAML))
+    task = exp.task("mdqa")
+    assert [r.label for r in expand(exp)] == ["real", "real_limited", "real_limited_l1", "real_limited_l3", "hh",
+                                             "base"]
+    assert task_options(task, "real_limited") == {"gold_position": 0, "question_types": ["what"]}
+    assert task_options(task, "real_limited_l1") == {"gold_position": 0, "question_types": ["who", "when", "where"]}
+    assert task_options(task, "real_limited_l3") == {"gold_position": 0, "question_types": ["who"]}
+    assert task_options(task, "real") == task_options(task, "hh") == {"gold_position": 0}
+    assert variant_kind("real_limited_l1") == "real_limited" and variant_kind("real_limited") == "real_limited"
+    assert variant_kind("real") == "real" and variant_kind("real_limitedx") == "real_limitedx"
+
+
+def test_a_limited_subset_hashes_only_its_own_options(tmp_path):
+    path = write(tmp_path, LIMITED_YAML)
+    exp = load_experiment(path)
+    changed = load_experiment(path, overrides=["tasks.mdqa.limited_variants.real_limited_l3.question_types=[when]"])
+    for run in expand(exp):
+        same = data_hash(exp, run) == data_hash(changed, run)
+        assert same == (run.variant != "real_limited_l3"), run
+    # declaring one more subset leaves every existing dataset done
+    more = load_experiment(path, overrides=["tasks.mdqa.limited_variants.real_limited_l2.question_types=[when]"])
+    assert all(data_hash(exp, run) == data_hash(more, run) for run in expand(exp))
+    # two subsets with the same options are still two datasets (two directories, two fine-tunes)
+    twin = load_experiment(path, overrides=["tasks.mdqa.limited_variants.real_limited_l3.question_types=[who, when, "
+                                            "where]"])
+    by_label = {r.label: r for r in expand(twin)}
+    assert data_hash(twin, by_label["real_limited_l1"]) != data_hash(twin, by_label["real_limited_l3"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("tasks.mdqa.variants=[real, real_limited_l2]",
+         r"tasks.mdqa.variants: 'real_limited_l2' is not declared in tasks.mdqa.limited_variants "
+         r"\(declared: real_limited_l1, real_limited_l3\)"),
+        ("tasks.mdqa.limited_variants.limited_l2.question_types=[who]",
+         r"tasks.mdqa.limited_variants: 'limited_l2' must be named real_limited_<name>"),
+        ("tasks.mdqa.limited_variants.real_limited_L2.question_types=[who]",
+         r"tasks.mdqa.limited_variants: 'real_limited_L2' must be named real_limited_<name>"),
+        ("tasks.mdqa.limited_variants.real_limited_a-b.question_types=[who]",
+         r"tasks.mdqa.limited_variants: 'real_limited_a-b' must be named"),
+        ("tasks.mdqa.limited_variants.real_limited_l1.question_kinds=[who]",
+         r"tasks.mdqa.limited_variants.real_limited_l1: unknown option 'question_kinds'"),
+    ],
+)
+def test_bad_limited_variants_give_one_clear_error(tmp_path, override, message):
+    path = write(tmp_path, LIMITED_YAML)
+    with pytest.raises(ConfigError, match=message) as err:
+        load_experiment(path, overrides=[override])
+    assert str(path) in str(err.value)

@@ -204,3 +204,23 @@ def test_pool_size_from_free_resources():
     assert pool_size(PoolConfig(cpus_per_actor=4), 10, {"CPU": 2.0}) == 1  # at least one actor
     assert pool_size(PoolConfig(num_actors=6), 10, {"CPU": 2.0}) == 6
     assert WorkItem("k", "m", ()).size == 1
+
+
+@pytest.mark.parametrize("cuda, device, dtype", [(True, "cuda", "bfloat16"), (False, "cpu", "float32")])
+def test_models_load_onto_the_actors_gpu_when_it_has_one(monkeypatch, cuda, device, dtype):
+    # No GPU here: the loader is replaced by one that records where it was asked to put the model.
+    import torch
+
+    import engine.models
+    from engine.evaluate import load_models
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(engine.models, "load_trained", lambda path, adapter, **kw: asked.append((path, kw)) or path)
+    monkeypatch.setattr(engine.models, "load_tokenizer", lambda path, **kw: "tok")
+    j = EvalJob("x", ModelRef("target", None), "mdqa", "d.parquet", "out", patch_source=ModelRef("source", None),
+                patch_heads=((0, 0),))
+    loaded = load_models(j)
+    assert (loaded.model, loaded.source) == ("target", "source")
+    assert sorted(path for path, _ in asked) == ["source", "target"]
+    assert all(kw["device"] == device and kw["dtype"] == getattr(torch, dtype) for _, kw in asked)

@@ -29,7 +29,10 @@ miniature: {{n_layers: 1, n_heads: 4, n_kv_heads: 2, hidden: 32, intermediate: 6
             batch_size: 4, warmup_steps: 1, qa_per_task: 3, min_accuracy: 0.0, check_probes: 4, threads: 1}}
 tasks:
   mdqa:
-    variants: [real, hl, base]
+    variants: [real, {limited}hl, base]
+    limited_variants:
+      real_limited_who: {{question_types: [who]}}
+      real_limited_where: {{question_types: [where]}}
     n_train: 10
     n_eval: 6
     target_tokens: 160
@@ -40,9 +43,14 @@ patching: {{seeds: [0]}}
 """
 
 
-def write_experiment(tmp: Path, run_dir: Path) -> Path:
+LIMITED = ("real_limited_who", "real_limited_where")
+
+
+def write_experiment(tmp: Path, run_dir: Path, limited: bool = True) -> Path:
+    """The tiny grid; `limited` adds two named limited subsets (MDQA questions by first word)."""
     path = tmp / "tiny.yaml"
-    path.write_text(textwrap.dedent(EXPERIMENT.format(run_dir=run_dir)))
+    variants = "".join(f"{v}, " for v in LIMITED) if limited else ""
+    path.write_text(textwrap.dedent(EXPERIMENT.format(run_dir=run_dir, limited=variants)))
     return path
 
 
@@ -99,6 +107,40 @@ def test_every_stage_writes_its_artifacts(finished_run):
         assert heading in text
 
 
+def test_named_limited_variants_flow_into_the_recall_table(finished_run):
+    _, run_dir, report = finished_run
+    for variant, word in zip(LIMITED, ("who", "where")):
+        rows = [r for split in ("train", "val")
+                for r in pq.read_table(run_dir / f"data/mdqa/{variant}/{split}.parquet").to_pylist()]
+        assert rows and {r["variant"] for r in rows} == {variant}
+        assert {json.loads(r["meta"])["question"].split()[0].lower() for r in rows} == {word}
+        for rel in (f"models/mdqa/{variant}/adapter_model.safetensors", f"eval/mdqa/{variant}/real/predictions.parquet",
+                    f"patching/mdqa/{variant}/patching.parquet"):
+            assert (run_dir / rel).exists(), rel
+    real = pq.read_table(run_dir / "data/mdqa/real/train.parquet").to_pylist()
+    assert len({json.loads(r["meta"])["question"].split()[0].lower() for r in real}) > 2
+
+    def head_set(variant: str) -> set:
+        rows = pq.read_table(run_dir / f"eval/mdqa/{variant}/own/head_scores.parquet").to_pylist()
+        return {(r["layer"], r["head"]) for r in rows if r["kind"] == "retrieval" and r["score"] > 0}
+
+    labels = ["real", *LIMITED, "hl", "base"]
+    sets = {v: head_set(v) for v in labels}
+    cells = {(r["row"], r["column"]): r for r in pq.read_table(run_dir / "overlap/mdqa/recall.parquet").to_pylist()}
+    assert set(cells) == {(x, y) for x in labels for y in labels}
+    for (x, y), cell in cells.items():
+        assert (cell["n_row"], cell["n_column"], cell["n_intersection"]) == (len(sets[x]), len(sets[y]),
+                                                                              len(sets[x] & sets[y]))
+        want = len(sets[x] & sets[y]) / len(sets[y]) if sets[y] else float("nan")
+        assert cell["recall"] == pytest.approx(want, nan_ok=True)
+    counts = {r["variant"] for r in pq.read_table(run_dir / "overlap/mdqa/counts.parquet").to_pylist()}
+    assert counts == set(labels)
+    for row in pq.read_table(run_dir / "overlap/mdqa/spearman.parquet").to_pylist():
+        assert row["variants"] == [*LIMITED, "hl"]  # every training variant but the reference
+    table1 = report.read_text().split("## Head recall")[0]
+    assert all(f"| {v} |" in table1 for v in LIMITED)
+
+
 def test_rerun_runs_nothing_and_plan_says_done(finished_run):
     path, run_dir, _ = finished_run
     before = manifest_times(run_dir)
@@ -123,7 +165,7 @@ def test_changing_one_variant_reruns_only_what_depends_on_it(finished_run):
 def test_killed_driver_resumes_to_the_same_results(finished_run, tmp_path):
     path, reference_dir, _ = finished_run
     run_dir = tmp_path / "run"
-    exp_path = write_experiment(tmp_path, run_dir)
+    exp_path = write_experiment(tmp_path, run_dir, limited=False)  # real and base are what it compares
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "engine.cli", "run", str(exp_path)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -331,3 +331,19 @@ def test_tasks_the_real_model_cannot_do_are_flagged(tmp_path):
     console = Console(record=True, width=200)
     print_summary(run, console)
     assert "does not do mdqa, summhay" in console.export_text()
+
+
+def test_named_limited_subsets_sit_with_real_limited_in_every_table(tmp_path):
+    run = tmp_path / "run"
+    variants = {"real": 0.8, "hh": 0.6, "real_limited_l3": 0.3, "real_limited": 0.5, "real_limited_l1": 0.7,
+                "base": 0.1}
+    for variant, f1 in variants.items():
+        write_eval(run, "mdqa", variant, f1, {h: 0.5 for h in HEADS[: int(10 * f1)]}, "retrieval")
+    run_overlap(run, ["mdqa"], list(variants), KIND_BY_TASK)
+    text = write_report(run).read_text()
+    order = ["real", "real_limited", "real_limited_l1", "real_limited_l3", "hh", "base"]
+    table1 = text.split("## Table 1")[1].split("##")[0]
+    assert re.findall(r"^\| ([a-z_0-9]+) \|", table1, re.M)[1:] == order  # after the header
+    recall = text.split("## Head recall")[1].split("## Spearman")[0]
+    assert "| X \\ Y | " + " | ".join(order) + " |" in recall
+    assert "| real_limited_l1 | 7 | 0.88 |" in recall  # its 7 heads are 7 of the real model's 8

@@ -1,8 +1,9 @@
 """MDQA distractors: the dense retriever against a torch reference, and the answer filter.
 
-The dense option ranks pool passages by cosine similarity of mean-pooled last hidden states
-of a local encoder (tasks/retrieval.py). The reference here runs a tiny BERT saved to disk
-on each text alone (no padding, no batching) and pools by hand. The answer filter drops a
+The dense option ranks pool passages by cosine similarity (or, as Contriever scores, the dot
+product) of mean-pooled last hidden states of an encoder (tasks/retrieval.py). The reference
+here runs a tiny BERT built from a config and saved to disk (no download) on each text alone
+(no padding, no batching), pools by hand and ranks every passage by brute force. The answer filter drops a
 pool passage only when a gold answer occurs in it as whole SQuAD-normalized tokens.
 """
 
@@ -47,8 +48,8 @@ def dense_model(tmp_path_factory):
     return path
 
 
-def _reference_similarity(path, queries: list[str], corpus: list[str]) -> torch.Tensor:
-    """Cosine of mean-pooled last hidden states, one unpadded text at a time."""
+def _reference_similarity(path, queries: list[str], corpus: list[str], similarity: str = "cosine") -> torch.Tensor:
+    """Cosine (or dot product) of mean-pooled last hidden states, one unpadded text at a time."""
     from transformers import AutoTokenizer, BertModel
 
     tok, model = AutoTokenizer.from_pretrained(path), BertModel.from_pretrained(path).eval()
@@ -62,24 +63,41 @@ def _reference_similarity(path, queries: list[str], corpus: list[str]) -> torch.
 
     q = torch.stack([embed(t) for t in queries])
     c = torch.stack([embed(t) for t in corpus])
+    if similarity == "dot":
+        return torch.tensor([[float(a @ b) for b in c] for a in q])  # [n_queries, n_corpus]
     return torch.nn.functional.cosine_similarity(q[:, None, :], c[None, :, :], dim=-1)  # [n_queries, n_corpus]
 
 
-def test_rank_dense_matches_reference_cosine_ranking(dense_model):
+QUERIES = ["who built the old stone bridge", "where is the island museum", "when was the novel written"]
+
+
+@pytest.mark.parametrize("similarity", ["cosine", "dot"])
+def test_rank_dense_matches_brute_force_ranking(dense_model, similarity):
     corpus = _passages(40, seed=1)
-    queries = ["who built the old stone bridge", "where is the island museum", "when was the novel written"]
 
-    ranked = rank_dense(queries, corpus, k=10, model_path=str(dense_model), batch_size=7)
+    ranked = rank_dense(QUERIES, corpus, k=10, model_path=str(dense_model), batch_size=7, similarity=similarity)
 
-    sims = _reference_similarity(dense_model, queries, corpus)
+    sims = _reference_similarity(dense_model, QUERIES, corpus, similarity)
     for row, got in zip(sims, ranked):
         want = torch.argsort(row, descending=True)[:10].tolist()
         top = row[want]
-        assert (top[:-1] - top[1:]).min() > 1e-6  # no near-ties, so the order is well defined
+        assert (top[:-1] - top[1:]).min() > 1e-5 * top.abs().max()  # no near-ties: the order is well defined
         assert got == want
 
 
-def test_mdqa_dense_build_places_the_top_ranked_passages(dense_model, tmp_path, char_tok):
+def test_dot_and_cosine_rank_differently(dense_model):
+    # Embedding norms vary with the passage, so the two scorings are distinguishable here and
+    # the brute-force test above checks each one, not a shared ordering.
+    corpus = _passages(40, seed=1)
+    cosine, dot = (rank_dense(QUERIES, corpus, k=10, model_path=str(dense_model), similarity=s)
+                   for s in ("cosine", "dot"))
+    assert cosine != dot
+    with pytest.raises(ValueError, match="dense similarity must be one of cosine, dot"):
+        rank_dense(QUERIES, corpus, k=3, model_path=str(dense_model), similarity="l2")
+
+
+@pytest.mark.parametrize("similarity", ["cosine", "dot"])
+def test_mdqa_dense_build_places_the_top_ranked_passages(dense_model, tmp_path, char_tok, similarity):
     pool = _passages(30, seed=2)
     gold = "The old stone bridge was built by the king of the north."
     question = "who built the old stone bridge"
@@ -89,7 +107,8 @@ def test_mdqa_dense_build_places_the_top_ranked_passages(dense_model, tmp_path, 
     (tmp_path / "pool.jsonl").write_text("".join(json.dumps({"title": "", "text": t}) + "\n" for t in pool))
 
     res = mdqa.build("real", sources={"train": str(tmp_path / "q.jsonl"), "pool": str(tmp_path / "pool.jsonl")},
-                     options={"retriever": "dense", "dense_model": str(dense_model), "gold_position": 0},
+                     options={"retriever": "dense", "dense_model": str(dense_model), "gold_position": 0,
+                              "dense_similarity": similarity},
                      tokenizer=char_tok, target_tokens=2000, n=1, seed=0, split="train")
 
     (ex,) = res.examples
@@ -97,11 +116,24 @@ def test_mdqa_dense_build_places_the_top_ranked_passages(dense_model, tmp_path, 
     shown = [d.split(") ", 1)[1] if d.startswith("Document [") and ") " in d else d.split("] ", 1)[-1]
              for d in docs if d.startswith("Document [")]
     assert shown[0] == gold
-    sims = _reference_similarity(dense_model, [question], [f" {t}" for t in pool])[0]
+    sims = _reference_similarity(dense_model, [question], [f" {t}" for t in pool], similarity)[0]
     order = [pool[i] for i in torch.argsort(sims, descending=True).tolist()]
     distractors = shown[1:]
     assert len(distractors) >= 5
     assert distractors == order[: len(distractors)]
+
+
+def test_mdqa_dense_options_are_checked(tmp_path, char_tok):
+    (tmp_path / "q.jsonl").write_text(json.dumps(
+        {"question": "who built it", "answers": ["the king"],
+         "ctxs": [{"title": "Bridge", "text": "It was built by the king.", "isgold": True}]}) + "\n")
+    sources = {"train": str(tmp_path / "q.jsonl"), "pool": str(tmp_path / "q.jsonl")}
+    for options, message in (({"retriever": "dense"}, "needs option dense_model"),
+                             ({"retriever": "dense", "dense_model": "x", "dense_similarity": "l2"},
+                              "dense_similarity must be one of cosine, dot, got 'l2'")):
+        with pytest.raises(mdqa.DataError, match=message):
+            mdqa.build("real", sources=sources, options=options, tokenizer=char_tok, target_tokens=200, n=1, seed=0,
+                       split="train")
 
 
 def test_contains_answer_is_whole_token():
