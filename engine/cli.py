@@ -216,8 +216,8 @@ def parser() -> argparse.ArgumentParser:
     s = with_experiment("plan", "show the expanded grid, resources, and what is already done")
     s.add_argument("--cost", action="store_true", help="estimate jobs, GPU-hours, wall time and price per stage")
     s.add_argument("--cluster", help="cluster launcher YAML (default: cluster.yaml of the repository)")
-    s.add_argument("--prices", help="dated on-demand price table (default: prices.yaml of the repository)")
-    s.add_argument("--throughput", help="stated per-token costs (default: throughput.yaml of the repository)")
+    s.add_argument("--prices", help="dated on-demand price table (default: data/costs/prices.yaml)")
+    s.add_argument("--throughput", help="stated per-token costs (default: data/costs/throughput.yaml)")
     s.set_defaults(func=cmd_plan)
     with_experiment("validate", "check an experiment YAML").set_defaults(func=cmd_validate)
     for verb in ("train", "evaluate", "knockout", "patch"):

@@ -264,8 +264,8 @@ def estimate_experiment(experiment: Experiment, rows: Sequence[dict], cluster_pa
     from engine.cost_inputs import (ROOT, _number, load_cluster, load_prices, load_throughput, read_calibration,
                                     stated_rates, stated_synth_rates)
 
-    throughput_path = throughput_path or ROOT / "throughput.yaml"
-    cluster = load_cluster(cluster_path or ROOT / "cluster.yaml", load_prices(prices_path or ROOT / "prices.yaml"))
+    throughput_path = throughput_path or ROOT / "data/costs/throughput.yaml"
+    cluster = load_cluster(cluster_path or ROOT / "cluster.yaml", load_prices(prices_path or ROOT / "data/costs/prices.yaml"))
     table = load_throughput(throughput_path)
     m, e, t, s = experiment.model, experiment.evaluate, experiment.train, experiment.synth
     rates = read_calibration(experiment.resolved_run_dir(), m.path)

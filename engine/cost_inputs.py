@@ -8,7 +8,7 @@
   seconds per token by `stated_rates` (the formulas are written out in that file).
 
 Example:
-    >>> prices = load_prices("prices.yaml")
+    >>> prices = load_prices("data/costs/prices.yaml")
     >>> cluster = load_cluster("cluster.yaml", prices)
     >>> cluster.gpus, cluster.usd_per_gpu_hour(1)
     (24, 12.29)
@@ -118,7 +118,7 @@ def _need(data: dict, key: str, where: str):
     return data[key]
 
 
-def load_prices(path: str | Path = ROOT / "prices.yaml") -> Prices:
+def load_prices(path: str | Path = ROOT / "data/costs/prices.yaml") -> Prices:
     data = _yaml(path, "price table")
     instances = {}
     for name, body in (_need(data, "instances", str(path)) or {}).items():
@@ -282,7 +282,7 @@ def _gpu(table: dict, name: str | None, where: str) -> dict:
     return _numbers(gpus[name], f"{where}: gpus.{name}")
 
 
-def load_throughput(path: str | Path = ROOT / "throughput.yaml") -> dict:
+def load_throughput(path: str | Path = ROOT / "data/costs/throughput.yaml") -> dict:
     return _yaml(path, "throughput")
 
 

@@ -78,7 +78,7 @@ def test_largest_cluster_fills_the_cap_with_the_biggest_nodes_first(tmp_path):
 
 
 def test_shipped_cluster_and_price_table_load():
-    cluster = load_cluster(ROOT / "cluster.yaml", load_prices(ROOT / "prices.yaml"))
+    cluster = load_cluster(ROOT / "cluster.yaml", load_prices(ROOT / "data/costs/prices.yaml"))
     # 2 x p5.48xlarge + 8 x p5.4xlarge under max_workers 16; the spot type is not counted
     assert cluster.gpus == 24 and cluster.gpu == "H100-80GB"
     assert cluster.prices.date and cluster.head.name == "m6i.4xlarge"
