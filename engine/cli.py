@@ -22,6 +22,7 @@ from rich.table import Table
 console = Console()
 err_console = Console(stderr=True)
 DEMO_YAML = Path(__file__).resolve().parents[1] / "experiments" / "demo.yaml"
+RECIPE_YAML = Path(__file__).resolve().parents[1] / "experiments" / "miniature.yaml"
 STAGE_VERBS = {"data": "data", "train": "train", "evaluate": "evaluate", "knockout": "knockout", "patch": "patching"}
 
 
@@ -162,6 +163,43 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_miniature_pretrain(args) -> int:
+    """Pretrains the miniature base of a recipe: into the cache (or `--out`), or with `--ship`
+    into the repository's shipped base, which the demo then uses."""
+    import dataclasses
+
+    from engine.config import load_recipe
+    from engine.miniature import MiniatureSpec, spec_hash
+    from engine.miniature.gates import format_gates
+    from engine.miniature.pretrain import SHIPPED, default_cache_dir, publish_pretrained, shipped_base
+
+    spec = load_recipe(args.recipe, overrides=args.overrides)
+    if args.ship and spec != MiniatureSpec():
+        changed = [f.name for f in dataclasses.fields(spec) if getattr(spec, f.name) != getattr(MiniatureSpec(), f.name)]
+        raise SystemExit(f"--ship: {args.recipe} differs from the default recipe (MiniatureSpec) in {changed}; "
+                         "the shipped base must be the default's, so make those the defaults first")
+    if args.ship and shipped_base(spec) is not None and not args.force:
+        console.print(f"the shipped base {SHIPPED} is already this recipe's ({spec_hash(spec)}); --force redoes it")
+        return 0
+    final = Path(args.out) if args.out else SHIPPED if args.ship else default_cache_dir() / spec_hash(spec)
+    if args.ship:
+        spec = dataclasses.replace(spec, on_failed_check="raise")  # a base missing a gate is not shipped
+    final.parent.mkdir(parents=True, exist_ok=True)
+    import fcntl
+
+    with open(final.parent / f".{final.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        meta = publish_pretrained(spec, final)
+        if args.ship:  # the recipe renders the same sources every time: `sources_of` renders them on use
+            import shutil
+
+            shutil.rmtree(final / "sources")
+    console.print(format_gates(meta["gates"]))
+    console.print(f"pretrained in {meta['seconds']['train']:.0f} s ({meta['cpu_seconds']['train']:.0f} CPU s, "
+                  f"{spec.threads} threads): {final}")
+    return 0
+
+
 def cmd_data_build(args) -> int:
     from engine.data import build_task_data, render_stats
     from engine.models import load_tokenizer
@@ -254,6 +292,15 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("report", help="(re)write report.md of a run directory")
     s.add_argument("run_dir")
     s.set_defaults(func=cmd_report)
+    m = sub.add_parser("miniature", help="the bundled miniature base model")
+    m_sub = m.add_subparsers(dest="miniature_command", required=True)
+    mp = m_sub.add_parser("pretrain", help="pretrain the base of a recipe (resumes an interrupted run)")
+    mp.add_argument("recipe", nargs="?", default=str(RECIPE_YAML), help="recipe YAML (default experiments/miniature.yaml)")
+    mp.add_argument("overrides", nargs="*", help="key=value overrides of the recipe")
+    mp.add_argument("--out", help="directory to write (default: the cache entry of the recipe)")
+    mp.add_argument("--ship", action="store_true", help="write the repository's shipped base (data/miniature)")
+    mp.add_argument("--force", action="store_true", help="with --ship: pretrain even if the shipped base is this recipe's")
+    mp.set_defaults(func=cmd_miniature_pretrain)
     s = sub.add_parser("demo", help="the whole study on the bundled miniature, on a CPU")
     s.add_argument("overrides", nargs="*", help="key=value overrides of experiments/demo.yaml")
     s.add_argument("--run-dir", help="where to write (default runs/demo)")
@@ -271,7 +318,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from tasks.build import DataError
 
-    errors = (ConfigError, CostError, ModelError, StoreError, DataError, FileNotFoundError)
+    from engine.miniature import MiniatureError
+
+    errors = (ConfigError, CostError, ModelError, StoreError, DataError, FileNotFoundError, MiniatureError)
     try:
         return args.func(args)
     except errors as err:

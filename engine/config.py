@@ -183,18 +183,33 @@ SECTIONS = ("synth", "miniature")
 
 def load_experiment(path: str | Path, overrides: typing.Sequence[str] = ()) -> Experiment:
     """Reads an experiment YAML, applies `key=value` overrides and validates every key."""
+    raw = read_mapping(path, "experiment")
+    for item in overrides:
+        apply_override(raw, item, source=str(path))
+    return parse_experiment(raw, source=str(path))
+
+
+def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()):
+    """Reads a miniature recipe (experiments/miniature.yaml: the fields of
+    `engine.miniature.MiniatureSpec`), validated like an experiment's sections."""
+    raw = read_mapping(path, "recipe")
+    for item in overrides:
+        apply_override(raw, item, source=str(path))
+    return build(_section_class("miniature"), raw, f"{path}:")
+
+
+def read_mapping(path: str | Path, what: str) -> dict:
+    """The top-level mapping of a YAML file; one clear error for a missing file or bad YAML."""
     path = Path(path)
     if not path.exists():
-        raise ConfigError(f"{path}: no such experiment file")
+        raise ConfigError(f"{path}: no such {what} file")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    for item in overrides:
-        apply_override(raw, item, source=str(path))
-    return parse_experiment(raw, source=str(path))
+    return raw
 
 
 def apply_override(raw: dict, item: str, source: str = "command line") -> None:

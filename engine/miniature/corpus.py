@@ -1,23 +1,25 @@
-"""The pretraining mix of the miniature base model: copying, key lookup and short world QA.
+"""The pretraining mix of the miniature base model: copying, key lookup, drills and task QA.
 
 A tiny model learns a positional shortcut whenever it can (DESIGN.md, "Known traps"): with a
 fixed distance between a span and its copy it learns "attend k tokens back" within a hundred
 steps and fails as soon as the distance varies. Every sequence here therefore puts its
 needle at a random depth with a random gap, so only content-based retrieval pays:
-- copy: noise, MARK, span, noise of random length, MARK -> span (Olsson et al. 2022 induction);
+- copy: noise, MARK, span, noise of random length, MARK -> span (Olsson et al. 2022
+  induction), over every token of the vocabulary, character pieces included (the synthetic
+  variants spell invented names and symbols in them);
 - lookup: "key : value ," pairs in random order, then a key -> its value;
-- drill: short encyclopedia documents of the world, then several questions about the facts
-  they state, each followed by its answer (several answers per sequence: the binding of
-  an entity and a relation to the right object is learned from denser supervision than
-  one long task prompt gives);
-- QA: the real variants of MDQA, MuSiQue and SummHay built by `tasks/` from the rendered world
-  at the pretraining length, so the base model answers them at its short context and fails
-  beyond (the analog of an instruct model at 8K).
+- mdqa / musique / summhay: drills, the task's prompt format with several questions per
+  context at lengths from one document to the pretraining length (`drills.py`);
+- qa: the real variants of MDQA, MuSiQue and SummHay built by `tasks/` from the rendered
+  world at the pretraining length, with the miniature's task options (`TASK_OPTIONS`), so the
+  base model answers exactly the prompts of the fine-tuning and evaluation data at its short
+  context and fails beyond (the analog of an instruct model at 8K).
 Loss is on the copies and answers only (labels -100 elsewhere).
 
 Example:
-    >>> qa = encode_qa(tokenizer, sum(task_examples(tokenizer, sources, 256, n=300, seed=0).values(), []))
-    >>> mix = PretrainingMix(tokenizer, qa, context=256, size=32 * 1400, seed=0, batch_size=32, phase1=900)
+    >>> qa = encode_qa(tokenizer, sum(task_examples(tokenizer, sources, 192, n=300, seed=0).values(), []))
+    >>> mix = PretrainingMix(tokenizer, qa, context=192, size=32 * 1400, seed=0, batch_size=32, phase1=900,
+    ...                      world=world)
     >>> item = mix[0]                      # {"input_ids": [...], "labels": [...]}
 """
 
@@ -27,12 +29,18 @@ import random
 import re
 from dataclasses import dataclass
 
+from .drills import drill
 from .world import WORD_PATTERN
 
 COPY_MARK = "Copy"
 LOOKUP_MARK = "Query"
 TASKS = ("mdqa", "musique", "summhay")
-KINDS = ("copy", "lookup", "drill", "qa")
+KINDS = ("copy", "lookup", "mdqa", "musique", "summhay", "qa")
+# The miniature's task options, at its pretraining length and 4x it (experiments/demo.yaml
+# sets the same; a test holds them equal): MuSiQue writes its hops before the final answer,
+# since three lookups in one step are beyond a four-layer model; SummHay cites two of eight
+# documents (a random pair scores F1 0.25; of four, 0.5).
+TASK_OPTIONS = {"mdqa": {}, "musique": {"answer_hops": True}, "summhay": {"n_documents": 8}}
 
 
 @dataclass(frozen=True)
@@ -46,29 +54,31 @@ class Tokens:
     colon: int
     comma: int
     words: tuple[int, ...]  # whole-word tokens (no specials, no marks)
+    pieces: tuple[int, ...] = ()  # words and "##" continuation pieces
 
 
 def token_ids(tokenizer) -> Tokens:
     vocab = tokenizer.get_vocab()
     reserved = {COPY_MARK, LOOKUP_MARK, ":", ","} | set(tokenizer.all_special_tokens)
     words = tuple(sorted(i for w, i in vocab.items() if w not in reserved and not w.startswith("##")))
+    pieces = tuple(sorted(i for w, i in vocab.items() if w not in reserved))
     return Tokens(tokenizer.bos_token_id, tokenizer.eos_token_id, vocab[COPY_MARK], vocab[LOOKUP_MARK],
-                  vocab[":"], vocab[","], words)
+                  vocab[":"], vocab[","], words, pieces)
 
 
 def copy_sequence(rng: random.Random, tokens: Tokens, length: int, span: int,
-                  gap: int | None = None) -> tuple[list[int], int]:
+                  gap: int | None = None, pieces: bool = False) -> tuple[list[int], int]:
     """One copy probe of `length` tokens: (ids, index where the copied span starts).
 
     The span sits at a random depth; `gap` fixes the distance between span and copy (only
     to build a positional-shortcut model on purpose), otherwise it is whatever the depth
-    leaves.
+    leaves. Tokens are whole words, or with `pieces` any word or character piece.
     """
     free = length - 2 * span - 3  # bos + two marks
     if free < 0:
         raise ValueError(f"copy probe: span {span} does not fit in {length} tokens")
     gap = rng.randint(0, free) if gap is None else min(gap, free)
-    words = tokens.words
+    words = tokens.pieces if pieces else tokens.words
     noise = [words[rng.randrange(len(words))] for _ in range(free)]
     content = [words[rng.randrange(len(words))] for _ in range(span)]
     before = free - gap
@@ -95,52 +105,6 @@ def lookup_sequence(rng: random.Random, tokens: Tokens, length: int) -> tuple[li
     return ids + value + [tokens.eos], len(ids)
 
 
-def drill_sequence(rng: random.Random, world, tokenizer, length: int, questions: int = 3) -> tuple[list[int], list[int]]:
-    """Documents about random entities, then questions on their facts: (ids, labels).
-
-    Written like the MDQA prompts (`Document [i](Title: t) ...`, `Question: ...`,
-    `Answer: ...`); labels are the answers' tokens and -100 elsewhere. Each (subject,
-    relation) is stated once, so every question has one answer in the context.
-    """
-    from .world import RELATIONS
-
-    def encode(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    room = length - 1 - 14 * questions  # bos, and about 14 tokens per question and answer
-    ids, facts, seen = [tokenizer.bos_token_id], [], set()
-    for n in range(1, 64):
-        kind = rng.choice(("person", "city", "country", "company"))
-        entity = world.random_entity(rng, kind, exclude=seen)
-        own = [r.name for r in RELATIONS if r.subject == kind]
-        chosen = [world.random_fact(rng, r, subject=entity) for r in rng.sample(own, rng.randint(1, min(2, len(own))))]
-        text = f"Document [{n}](Title: {entity.name}) " + world.paragraph(
-            rng, entity, chosen, n_descriptions=rng.randint(0, 2), avoid=set(own)) + "\n"
-        piece = encode(text)
-        if len(ids) + len(piece) > room and facts:
-            break
-        seen.add(entity.name)
-        ids += piece
-        facts += chosen
-    labels = [-100] * len(ids)
-    for fact in rng.sample(facts, min(questions, len(facts))):
-        ask = encode("\nQuestion: " + fact.relation.question.format(s=fact.subject.name) + "\nAnswer:")
-        answer = encode(" " + fact.object.name)
-        ids += ask + answer
-        labels += [-100] * len(ask) + answer
-    return ids, labels
-
-
-def short_options(task: str, context: int) -> dict:
-    """Task options for prompts of `context` tokens. SummHay's ten documents leave no room at
-    128 tokens for any sentence but the two needles, so every other document is empty and
-    "cite the two documents with text" answers it without reading a word (a base pretrained
-    so scored 0.96 at 128 and 0.00 at 256). Fewer documents keep a sentence in each."""
-    if task == "summhay" and context < 320:
-        return {"n_documents": 4}
-    return {}
-
-
 def task_examples(tokenizer, sources: dict[str, dict[str, str]], context: int, n: int, seed: int,
                   split: str = "train", variants: tuple[str, ...] = ("real",)) -> dict[str, list[tuple[str, str]]]:
     """(prompt, target) pairs per task, built by the tasks' own code at the pretraining length.
@@ -154,7 +118,7 @@ def task_examples(tokenizer, sources: dict[str, dict[str, str]], context: int, n
     for name in TASKS:
         examples = []
         for variant in variants:
-            result = get_task(name).build(variant, sources=sources.get(name, {}), options=short_options(name, context),
+            result = get_task(name).build(variant, sources=sources.get(name, {}), options=TASK_OPTIONS[name],
                                           tokenizer=tokenizer,
                                           target_tokens=context - 16, n=n, seed=seed, split=split)
             examples += [(e.prompt, e.target) for e in result.examples]
@@ -197,37 +161,42 @@ class PretrainingMix:
     batches are copy probes alone, `SHORT` to `phase1_length` tokens long, until the
     induction heads form (measured: ~800 steps at batch 32, DESIGN.md "Embedded default");
     a mixed run with lookup and QA from the start, or longer sequences while the heads
-    form, never formed them within 1,200 steps. The remaining batches draw copy, lookup and
-    QA by `weights` at lengths up to `context`, so copying holds at every depth there.
+    form, never formed them within 1,200 steps. The remaining batches draw copy, lookup,
+    the drills and QA by `weights` at lengths up to `context`, so copying holds at every
+    depth there.
 
     Args:
         tokenizer: the world's tokenizer.
         qa: encoded QA examples (ids, answer start).
         context: the pretraining length; every sequence fits in it.
         size: number of items (steps x batch size).
-        weights: mix of (copy, lookup, drill, qa) after phase 1 (`KINDS`).
+        weights: mix of `KINDS` (copy, lookup, the three drills, qa) after phase 1.
         fixed_gap: copy distance held fixed (a positional-shortcut model, for tests).
         max_span: longest copied span.
         batch_size: items per batch (the trainer's, which must read items in order).
         phase1: batches of short copy probes alone at the start.
         phase1_length: longest sequence in phase 1.
+        ramp: batches after phase 1 over which the longest length and the other kinds grow.
+        world: the world the drills are written about (no drills without it).
+        lm_share: share of drill and QA sequences with next-token loss on every token (the
+            documents and questions too, as real pretraining has), not on the answers alone.
     """
 
     SHORT = 48
 
     def __init__(self, tokenizer, qa: list[tuple[list[int], int]], context: int, size: int, seed: int,
-                 weights: tuple[float, ...] = (0.5, 0.2, 0.0, 0.3), fixed_gap: int | None = None,
+                 weights: tuple[float, ...] = (0.5, 0.2, 0.0, 0.0, 0.0, 0.3), fixed_gap: int | None = None,
                  max_span: int = 32, batch_size: int = 1, phase1: int = 0, phase1_length: int = 96,
-                 ramp: int = 0, world=None):
+                 ramp: int = 0, world=None, lm_share: float = 0.0):
         if len(weights) != len(KINDS):
             raise ValueError(f"pretraining mix: weights {weights} must give one weight per kind {KINDS}")
         self.tokenizer, self.tokens, self.world = tokenizer, token_ids(tokenizer), world
         self.qa, self.context, self.size, self.seed = qa, context, size, seed
-        self.weights = tuple(w if (k != "qa" or qa) and (k != "drill" or world) else 0.0
+        self.weights = tuple(w if (k != "qa" or qa) and (k not in TASKS or world) else 0.0
                              for k, w in zip(KINDS, weights))
         self.fixed_gap, self.max_span = fixed_gap, max_span
         self.batch_size, self.phase1, self.phase1_length = batch_size, phase1, min(phase1_length, context)
-        self.ramp = ramp
+        self.ramp, self.lm_share = ramp, lm_share
         self.n_batches = -(-size // batch_size)
 
     def __len__(self) -> int:
@@ -258,13 +227,23 @@ class PretrainingMix:
         rng = random.Random(self.seed * 1_000_003 + i)
         if kind == "copy":
             span = rng.randint(4, max(4, min(self.max_span, (length - 8) // 2)))
-            ids, start = copy_sequence(rng, self.tokens, max(length, 2 * span + 8), span, self.fixed_gap)
+            ids, start = copy_sequence(rng, self.tokens, max(length, 2 * span + 8), span, self.fixed_gap,
+                                       pieces=rng.random() < 0.5)
         elif kind == "lookup":
             ids, start = lookup_sequence(rng, self.tokens, max(length, 16))
-        elif kind == "drill":
-            ids, labels = drill_sequence(rng, self.world, self.tokenizer, max(length, 64))
+        elif kind in TASKS:
+            # A drill needs room for its documents and questions: when a draw does not fit,
+            # the next draws take the full length (the batch is padded to its longest item).
+            made = drill(kind, rng, self.world, self.tokenizer, length)
+            while made is None:
+                made = drill(kind, rng, self.world, self.tokenizer, self.context)
+            ids, labels = made
+            if rng.random() < self.lm_share:
+                labels = list(ids)
             return {"input_ids": ids, "labels": labels}
         else:
             ids, start = self.qa[rng.randrange(len(self.qa))]
         labels = [-100] * start + ids[start:]
+        if kind == "qa" and rng.random() < self.lm_share:
+            labels = list(ids)
         return {"input_ids": ids, "labels": labels}

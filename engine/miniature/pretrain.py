@@ -38,9 +38,12 @@ from .sources import SourceSizes, render_sources, write_atomic
 from .tokenizer import build_tokenizer, vocabulary
 from .world import build_world
 
-FORMAT_VERSION = 5  # bump when the corpus or the model recipe changes what a spec produces
+FORMAT_VERSION = 6  # bump when the world, corpus or tokenizer code changes what a spec produces
 META = "miniature.json"
 SOURCES = "sources"
+# The base model shipped with the repository (pretrained by `needlework miniature pretrain --ship`).
+SHIPPED = Path(__file__).resolve().parents[2] / "data" / "miniature"
+CHECKPOINT_STEPS = 500  # a killed pretraining resumes from here (not part of the recipe)
 
 
 class MiniatureError(RuntimeError):
@@ -63,12 +66,18 @@ class MiniatureSpec:
         phase1_length: longest sequence in phase 1.
         ramp_steps: steps after phase 1 over which the longest length grows to `context` and
             the mix moves from copy alone to `mix`.
-        mix: weights of (copy, lookup, drill, QA) sequences after phase 1, at lengths up to `context`.
-        rope_jitter: after phase 1, every other step on average trains at a RoPE base drawn
-            log-uniformly from [rope_base, rope_base * rope_jitter] (1: off); the rest, and the
-            saved model, keep `rope_base`.
-            A large model tolerates a raised base at its own length; a tiny one with few
-            frequency pairs does not unless trained to (see `rope_jitter_callback`).
+        mix: weights of the `corpus.KINDS` (copy, lookup, the MDQA, MuSiQue and SummHay drills,
+            task QA) after phase 1, at lengths up to `context`.
+        rope_jitter: from step `rope_jitter_from`, every other step on average trains at a RoPE
+            base drawn log-uniformly from [rope_base, rope_base * rope_jitter] (1: off); the
+            rest, and the saved model, keep `rope_base`. A large model tolerates a raised base
+            at its own length; a tiny one with few frequency pairs does not unless trained to
+            (see `rope_jitter_callback`).
+        rope_jitter_from: the first jittered step (default: the end of phase 1). Jitter while
+            the skills form slows them (measured: copy at L 0.22 against 0.84 at step 3,000);
+            jitter over the last steps keeps them and makes them robust to a raised base.
+        lm_share: share of drill and QA sequences trained with next-token loss on every token
+            (documents and questions too), the rest on their answers alone.
         max_span: longest copied span.
         qa_per_task: distinct short real-variant examples per task in the QA part of the
             corpus; the rendered sources grow to hold them (`source_sizes`).
@@ -78,26 +87,28 @@ class MiniatureSpec:
     """
 
     seed: int = 0
-    n_layers: int = 3
-    n_heads: int = 4
+    n_layers: int = 4
+    n_heads: int = 8
     n_kv_heads: int = 2
-    head_dim: int | None = None
-    hidden: int = 128
-    intermediate: int = 384
-    context: int = 128
+    head_dim: int | None = 32
+    hidden: int = 192
+    intermediate: int = 512
+    context: int = 192
     rope_base: float = 10000.0
-    steps: int = 2400
+    steps: int = 7000
     batch_size: int = 32
     lr: float = 2e-3
     warmup_steps: int = 100
     phase1_steps: int = 800
     phase1_length: int = 96
     ramp_steps: int = 800
-    mix: tuple[float, float, float, float] = (0.3, 0.05, 0.0, 0.65)
-    rope_jitter: float = 1.0
+    mix: tuple[float, ...] = (0.2, 0.05, 0.25, 0.15, 0.2, 0.15)
+    rope_jitter: float = 8.0
+    rope_jitter_from: int | None = 5600
+    lm_share: float = 1.0
     max_span: int = 32
-    qa_per_task: int = 1000
-    min_accuracy: float = 0.9
+    qa_per_task: int = 3000
+    min_accuracy: float = 0.95
     on_failed_check: str = "raise"  # or "warn": keep the model, flag it in miniature.json and the report
     check_probes: int = 64
     threads: int = 2
@@ -111,7 +122,10 @@ class MiniatureSpec:
                 object.__setattr__(self, f.name, float(getattr(self, f.name)))
         if self.on_failed_check not in ("raise", "warn"):
             raise ValueError(f"miniature.on_failed_check: {self.on_failed_check!r}; choose 'raise' or 'warn'")
-        if self.n_heads % self.n_kv_heads or self.hidden % self.n_heads:
+        if len(self.mix) != 6:
+            raise ValueError(f"miniature.mix: {list(self.mix)} must give six weights: copy, lookup, the MDQA, "
+                             "MuSiQue and SummHay drills, task QA")
+        if self.n_heads % self.n_kv_heads or (self.head_dim is None and self.hidden % self.n_heads):
             raise ValueError(f"miniature: hidden {self.hidden}, heads {self.n_heads}, kv heads "
                              f"{self.n_kv_heads} do not divide evenly")
 
@@ -121,36 +135,50 @@ def default_cache_dir() -> Path:
     return Path(root) / "miniature" if root else Path.home() / ".cache" / "needlework" / "miniature"
 
 
+# Spec fields that change what happens around the model, not the model itself.
+NOT_IDENTITY = ("on_failed_check",)
+
+
 def spec_hash(spec: MiniatureSpec) -> str:
-    """Hash of the spec, the recipe version, the world's vocabulary and the tasks' code.
+    """The identity of a base model: its recipe, the world's vocabulary and the recipe version.
 
-    The tasks' code shapes the QA part of the corpus and the prompt words of the tokenizer.
+    Not the tasks' code: editing how a task scores must not force a new pretraining. Code
+    that changes what a recipe produces (the world, the corpus, the tokenizer) bumps
+    `FORMAT_VERSION` instead.
     """
-    import tasks
-
+    recipe = {k: v for k, v in dataclasses.asdict(spec).items() if k not in NOT_IDENTITY}
     vocab = vocabulary(build_world(spec.seed))
-    task_code = hashlib.sha256()
-    for path in sorted(Path(tasks.__file__).parent.glob("*.py")):
-        task_code.update(path.read_bytes())
-    payload = json.dumps({"spec": dataclasses.asdict(spec), "version": FORMAT_VERSION, "vocab": vocab,
-                          "tasks": task_code.hexdigest()}, sort_keys=True)
+    payload = json.dumps({"spec": recipe, "version": FORMAT_VERSION, "vocab": vocab}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def shipped_base(spec: MiniatureSpec, root: Path | None = None) -> Path | None:
+    """The base model shipped with the repository (or at `root`), if it was pretrained from `spec`."""
+    root = Path(root) if root is not None else SHIPPED
+    meta = root / META
+    if not meta.is_file():
+        return None
+    return root if json.loads(meta.read_text()).get("spec_hash") == spec_hash(spec) else None
 
 
 def ensure_base_model(spec: MiniatureSpec | None = None, cache_dir: Path | None = None,
                       progress: bool = True) -> Path:
-    """The cached base model of `spec`, pretrained first if missing.
+    """The base model of `spec`: the shipped one when its recipe is `spec`, else the cached
+    one, pretrained first if missing.
 
     Args:
-        spec: the miniature's settings (defaults: the demo's).
+        spec: the miniature's settings (defaults: the shipped recipe).
         cache_dir: cache root; default $NEEDLEWORK_CACHE/miniature or ~/.cache/needlework/miniature.
-        progress: show a rich progress bar while pretraining.
+        progress: show a progress bar (plain lines when not on a terminal) while pretraining.
 
     Returns:
         Directory with model.safetensors, config, tokenizer, `miniature.json` (spec, timings,
-        retrieval table) and `sources/` (the world rendered in the public task formats).
+        gates, retrieval table) and `sources/` (the world rendered in the public task formats).
     """
     spec = spec or MiniatureSpec()
+    shipped = shipped_base(spec)
+    if shipped is not None:
+        return shipped
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     cache_dir.mkdir(parents=True, exist_ok=True)
     final = cache_dir / spec_hash(spec)
@@ -160,23 +188,62 @@ def ensure_base_model(spec: MiniatureSpec | None = None, cache_dir: Path | None 
         fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits here, then finds the entry
         if (final / META).exists():
             return final
-        tmp = cache_dir / f".tmp-{final.name}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            pretrain(spec, tmp, progress=progress)
-            if final.exists():  # an incomplete leftover without META
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        publish_pretrained(spec, final, progress=progress)
     return final
 
 
-def sources_of(model_dir: Path) -> dict[str, dict[str, str]]:
-    """The rendered task sources stored with a miniature base model, as absolute paths."""
-    meta = json.loads((Path(model_dir) / META).read_text())
-    return {task: {k: str(Path(model_dir) / SOURCES / p) for k, p in paths.items()}
-            for task, paths in meta["sources"].items()}
+def publish_pretrained(spec: MiniatureSpec, final: Path, progress: bool = True) -> dict:
+    """Pretrains `spec` and moves the result to `final` in one rename.
+
+    Training checkpoints go to `final`'s sibling `.work-<name>`, which survives a crash or a
+    kill: the next call resumes from its last checkpoint and removes it once the model is in
+    place (or once the model missed a gate, which a rerun would repeat). The caller holds the
+    lock of `final`.
+    """
+    work = final.parent / f".work-{final.name}"
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        meta = pretrain(spec, tmp, progress=progress, work_dir=work)
+        if final.exists():  # an incomplete leftover without META, or the entry being replaced
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except MiniatureError:
+        shutil.rmtree(work, ignore_errors=True)  # a missed gate is this recipe's result: nothing to resume
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
+    return meta
+
+
+def sources_of(model_dir: Path, cache_dir: Path | None = None) -> dict[str, dict[str, str]]:
+    """The world of a miniature base model rendered in the public task formats, as absolute paths.
+
+    A cached base keeps them beside its weights; the shipped base does not (they are ~10 MB
+    of text that its recipe renders the same every time), so they are rendered once into
+    the cache, `<cache>/sources-<spec hash>`, in one rename.
+    """
+    model_dir = Path(model_dir)
+    meta = json.loads((model_dir / META).read_text())
+    root = model_dir / SOURCES
+    if not root.is_dir():
+        spec = MiniatureSpec(**meta["spec"])
+        cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        root = cache_dir / f"sources-{meta['spec_hash']}"
+        if not root.is_dir():
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            with open(cache_dir / f".{root.name}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not root.is_dir():
+                    tmp = cache_dir / f".tmp-{root.name}-{os.getpid()}"
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    try:
+                        render_sources(build_world(spec.seed), tmp, source_sizes(spec))
+                        os.replace(tmp, root)
+                    finally:
+                        shutil.rmtree(tmp, ignore_errors=True)
+    return {task: {k: str(root / p) for k, p in paths.items()} for task, paths in meta["sources"].items()}
 
 
 def llama_config(spec: MiniatureSpec, tokenizer):
@@ -203,7 +270,10 @@ def train_model(spec: MiniatureSpec, tokenizer, mix, work_dir: Path, progress: b
                 callbacks: tuple = ()):
     """Trains a fresh Llama on `mix` with the HF Trainer; returns the model.
 
-    `callbacks` are extra `TrainerCallback`s (the benchmark checks retrieval while training).
+    Checkpoints every `CHECKPOINT_STEPS` into `work_dir/trainer` and resumes from the last one
+    found there (the mix, the RoPE jitter and the Trainer's RNG state are all seeded by step,
+    so a resumed run continues the same trajectory). `callbacks` are extra
+    `TrainerCallback`s (the benchmark checks retrieval while training).
     """
     from transformers import DataCollatorForSeq2Seq, LlamaForCausalLM, PrinterCallback, Trainer, TrainingArguments
 
@@ -219,7 +289,9 @@ def train_model(spec: MiniatureSpec, tokenizer, mix, work_dir: Path, progress: b
         lr_scheduler_type="cosine",
         weight_decay=0.01,
         logging_steps=max(1, spec.steps // 20),
-        save_strategy="no",
+        save_strategy="steps",
+        save_steps=CHECKPOINT_STEPS,
+        save_total_limit=1,
         report_to="none",
         use_cpu=True,
         disable_tqdm=True,
@@ -236,7 +308,10 @@ def train_model(spec: MiniatureSpec, tokenizer, mix, work_dir: Path, progress: b
                       data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
     # Only the rich bar reports progress: the default printer would dump every log dict.
     trainer.remove_callback(PrinterCallback)
-    trainer.train()
+    resume = any((work_dir / "trainer").glob("checkpoint-*"))
+    # The checkpoints are this pretraining's own files (the optimizer and RNG state are torch
+    # pickles, which the Trainer loads itself); nothing from elsewhere is read.
+    trainer.train(resume_from_checkpoint=True if resume else None)
     shutil.rmtree(work_dir / "trainer", ignore_errors=True)
     return model.eval()
 
@@ -254,8 +329,9 @@ def source_sizes(spec: MiniatureSpec) -> SourceSizes:
 
 
 def rope_jitter_callback(spec: MiniatureSpec):
-    """After phase 1, trains half the steps (drawn by a generator seeded by step) at a RoPE
-    base drawn log-uniformly from [rope_base, rope_base * rope_jitter], the rest at `rope_base`.
+    """From `rope_jitter_from` (default: after phase 1), trains half the steps (drawn by a
+    generator seeded by step) at a RoPE base drawn log-uniformly from [rope_base,
+    rope_base * rope_jitter], the rest at `rope_base`.
 
     Positions never exceed the context, so the model still fails beyond it; what it learns is
     to keep attending by content when the angles of its positions shrink, as a raised base
@@ -282,7 +358,8 @@ def rope_jitter_callback(spec: MiniatureSpec):
     class RopeJitter(TrainerCallback):
         def on_step_begin(self, args, state, control, model=None, **kwargs):
             rng = random.Random(f"{spec.seed}/rope/{state.global_step}")
-            if state.global_step >= spec.phase1_steps and rng.random() < 0.5:
+            first = spec.phase1_steps if spec.rope_jitter_from is None else spec.rope_jitter_from
+            if state.global_step >= first and rng.random() < 0.5:
                 set_base(model, spec.rope_base * math.exp(rng.random() * math.log(spec.rope_jitter)))
 
         def on_step_end(self, args, state, control, model=None, **kwargs):
@@ -294,39 +371,70 @@ def rope_jitter_callback(spec: MiniatureSpec):
     return RopeJitter()
 
 
-def rich_progress(total: int):
+def rich_progress(total: int, every_s: float = 30.0):
+    """Pretraining progress: a rich bar with a time estimate on a terminal, else (a log, `ray
+    job logs`) a plain line every `every_s` seconds: step, elapsed, estimate left, loss."""
+    import sys
+
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from transformers import TrainerCallback
 
     class RichProgress(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
-            self.bar = Progress(TextColumn("pretraining miniature"), BarColumn(), TextColumn("{task.fields[loss]}"),
-                                TimeElapsedColumn(), TimeRemainingColumn())
-            self.task = self.bar.add_task("pretrain", total=total, loss="")
-            self.bar.start()
+            self.tty, self.loss = sys.stderr.isatty(), ""
+            self.started = self.printed = time.perf_counter()
+            self.first = state.global_step  # a resumed run estimates from its own pace
+            if self.tty:
+                self.bar = Progress(TextColumn("pretraining miniature"), BarColumn(), TextColumn("{task.fields[loss]}"),
+                                    TimeElapsedColumn(), TimeRemainingColumn())
+                self.task = self.bar.add_task("pretrain", total=total, loss="", completed=state.global_step)
+                self.bar.start()
 
         def on_step_end(self, args, state, control, **kwargs):
-            self.bar.update(self.task, completed=state.global_step)
+            if self.tty:
+                self.bar.update(self.task, completed=state.global_step)
+                return
+            now = time.perf_counter()
+            if now - self.printed >= every_s or state.global_step == total:
+                self.printed = now
+                done = max(1, state.global_step - self.first)
+                left = (now - self.started) / done * (total - state.global_step)
+                print(f"pretraining miniature: step {state.global_step}/{total}, {now - self.started:.0f} s elapsed, "
+                      f"~{left:.0f} s left{', ' + self.loss if self.loss else ''}", file=sys.stderr, flush=True)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
-                self.bar.update(self.task, loss=f"loss {logs['loss']:.3f}")
+                self.loss = f"loss {logs['loss']:.3f}"
+                if self.tty:
+                    self.bar.update(self.task, loss=self.loss)
 
         def on_train_end(self, args, state, control, **kwargs):
-            self.bar.stop()
+            if self.tty:
+                self.bar.stop()
 
     return RichProgress()
 
 
-def pretrain(spec: MiniatureSpec, out_dir: Path, progress: bool = True, callbacks: tuple = ()) -> dict:
-    """Renders the world, builds the tokenizer, pretrains and checks; writes all to `out_dir`.
+def pretrain(spec: MiniatureSpec, out_dir: Path, progress: bool = True, callbacks: tuple = (),
+             work_dir: Path | None = None) -> dict:
+    """Renders the world, builds the tokenizer, pretrains and measures the gates; writes all to `out_dir`.
+
+    Args:
+        spec: the recipe.
+        out_dir: where the model, tokenizer, sources and `miniature.json` go.
+        progress: show progress while training.
+        callbacks: extra `TrainerCallback`s.
+        work_dir: where training checkpoints go (and are resumed from); default `out_dir`.
 
     Raises:
-        MiniatureError: copy accuracy at `spec.context` (random depths) is below
-            `spec.min_accuracy`; head analyses on such a model would mean nothing.
+        MiniatureError: the base misses a competence gate (`gates.py`) and `spec.on_failed_check`
+            is "raise"; head analyses on such a model would mean nothing.
     """
+    from .gates import format_gates, measure_gates
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    work_dir = Path(work_dir) if work_dir is not None else out_dir
     threads = torch.get_num_threads()
     torch.set_num_threads(spec.threads)
     try:
@@ -341,38 +449,41 @@ def pretrain(spec: MiniatureSpec, out_dir: Path, progress: bool = True, callback
         mix = PretrainingMix(tokenizer, qa, spec.context, spec.steps * spec.batch_size, spec.seed,
                              weights=spec.mix, max_span=spec.max_span, batch_size=spec.batch_size,
                              phase1=spec.phase1_steps, phase1_length=spec.phase1_length,
-                             ramp=spec.ramp_steps, world=world)
+                             ramp=spec.ramp_steps, world=world, lm_share=spec.lm_share)
         prepared, cpu_prepared = time.perf_counter(), time.process_time()
-        model = train_model(spec, tokenizer, mix, out_dir, progress, callbacks)
+        model = train_model(spec, tokenizer, mix, work_dir, progress, callbacks)
         trained, cpu_trained = time.perf_counter(), time.process_time()
         rows = retrieval_accuracy(model, tokenizer, [spec.context, 4 * spec.context], n=spec.check_probes,
                                   seed=spec.seed + 1)
+        gates = measure_gates(model, tokenizer, sources, spec.context, n=spec.check_probes, seed=spec.seed + 1,
+                              copy_min=spec.min_accuracy)
         checked = time.perf_counter()
     finally:
         torch.set_num_threads(threads)
-    accuracy = summary(rows)
-    passed = accuracy[spec.context] >= spec.min_accuracy
-    if not passed:
-        message = (f"miniature pretraining ({spec.steps} steps) copies at random depths with accuracy "
-                   f"{accuracy[spec.context]:.2f} < {spec.min_accuracy} at its own length {spec.context}; "
-                   f"raise `phase1_steps` (copy heads not formed) or `steps`.\n{format_table(rows)}")
+    if not gates["passed"]:
+        message = (f"the miniature pretrained from this recipe ({spec.steps} steps) misses its competence "
+                   f"gates at its own length {spec.context}:\n{format_gates(gates)}")
         if spec.on_failed_check == "raise":
             raise MiniatureError(message)
         warnings.warn(message + "\nKept (on_failed_check: warn); head analyses of this model are flagged.")
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.padding_side = "left"
     tokenizer.save_pretrained(str(out_dir))
+    accuracy = summary(rows)
     meta = {
         "spec": dataclasses.asdict(spec),
+        "spec_hash": spec_hash(spec),
         "version": FORMAT_VERSION,
         "qa_examples": len(qa),
+        "parameters": sum(p.numel() for p in model.parameters()),
         "seconds": {"prepare": prepared - start, "train": trained - prepared, "check": checked - trained},
         # CPU seconds of this process: wall time on a shared machine says little about an idle one.
         "cpu_seconds": {"prepare": cpu_prepared - cpu_start, "train": cpu_trained - cpu_prepared},
         "load_average": os.getloadavg(),
         "retrieval": rows,
         "check": {"length": spec.context, "accuracy": accuracy[spec.context], "min_accuracy": spec.min_accuracy,
-                  "passed": passed},
+                  "passed": gates["passed"]},
+        "gates": gates,
         "sources": {task: {k: str(Path(p).relative_to(out_dir / SOURCES)) for k, p in paths.items()}
                     for task, paths in sources.items()},
     }

@@ -48,37 +48,34 @@ class Relation:
     label: str
 
 
+# Every statement names the subject before the object and ends with it: the object is what
+# a question asks for, and a tiny model retrieves "the words after the subject and the
+# relation" far sooner than an object written before its subject (measured while choosing
+# the recipe: the reversed templates were the ones it missed).
 RELATIONS = (
     Relation("born_in", "person", "city",
-             ("{s} was born in {o}.", "{s} grew up in the city of {o}.", "The birthplace of {s} is {o}.",
-              "{s} came into the world in {o}."),
+             ("{s} was born in {o}.", "{s} grew up in the city of {o}.", "The birthplace of {s} is {o}."),
              "Where was {s} born?", "the birthplace of {s}", "place of birth"),
     Relation("works_for", "person", "company",
-             ("{s} works for {o}.", "{s} is employed by {o}.", "{s} has a job at {o}.",
-              "The employer of {s} is {o}."),
+             ("{s} works for {o}.", "{s} is employed by {o}.", "The employer of {s} is {o}."),
              "Which company does {s} work for?", "the employer of {s}", "employer"),
     Relation("founded_by", "company", "person",
-             ("{s} was founded by {o}.", "{o} started the company {s}.", "The founder of {s} is {o}.",
-              "{s} was created by {o}."),
+             ("{s} was founded by {o}.", "The founder of {s} is {o}.", "{s} was created by {o}."),
              "Who founded {s}?", "the founder of {s}", "founded by"),
     Relation("located_in", "city", "country",
-             ("{s} is a city in {o}.", "{s} lies in the country of {o}.", "{s} is located in {o}.",
-              "The city of {s} belongs to {o}."),
+             ("{s} is a city in {o}.", "{s} lies in the country of {o}.", "{s} is located in {o}."),
              "Which country is {s} in?", "the country of {s}", "country"),
     Relation("based_in", "company", "city",
-             ("{s} has its headquarters in {o}.", "{s} is based in {o}.", "The main office of {s} is in {o}.",
-              "{s} runs its business from {o}."),
+             ("{s} has its headquarters in {o}.", "{s} is based in {o}.", "The main office of {s} is in {o}."),
              "Where is {s} based?", "the headquarters of {s}", "headquarters location"),
     Relation("led_by", "country", "person",
-             ("{s} is led by {o}.", "The leader of {s} is {o}.", "{o} governs {s}.",
-              "{o} is the head of state of {s}."),
+             ("{s} is led by {o}.", "The leader of {s} is {o}.", "{s} is governed by {o}."),
              "Who leads {s}?", "the leader of {s}", "head of state"),
     Relation("mayor_of", "city", "person",
-             ("The mayor of {s} is {o}.", "{o} is the mayor of {s}.", "{s} elected {o} as mayor.",
-              "{o} serves as mayor of {s}."),
+             ("The mayor of {s} is {o}.", "{s} is run by the mayor {o}.", "{s} elected the mayor {o}."),
              "Who is the mayor of {s}?", "the mayor of {s}", "head of government"),
     Relation("capital_of", "country", "city",
-             ("The capital of {s} is {o}.", "{o} is the capital of {s}.", "{s} is governed from its capital {o}.",
+             ("The capital of {s} is {o}.", "{s} is governed from its capital {o}.",
               "The seat of government of {s} is {o}."),
              "What is the capital of {s}?", "the capital of {s}", "capital"),
 )
@@ -183,13 +180,17 @@ class World:
         return capitalize(template.format(s=entity.name, adj=rng.choice(ADJECTIVES), topic=rng.choice(TOPICS),
                                           place=rng.choice(PLACES)))
 
-    def paragraph(self, rng: random.Random, entity: Entity, facts: list[Fact], n_descriptions: int = 2,
+    def paragraph(self, rng: random.Random, entity: Entity, facts: list[Fact], n_descriptions: int | None = None,
                   avoid: set[str] = frozenset()) -> str:
         """A short encyclopedic paragraph about `entity` stating `facts` amid descriptions.
 
-        Extra facts about the entity are drawn only from relations outside `avoid`, so a
-        distractor never states the asked relation unless the caller puts it in `facts`.
+        Paragraphs are short (by default no or one description, a second fact half the time)
+        so that several documents fit the miniature's pretraining length. Extra facts about
+        the entity are drawn only from relations outside `avoid`, so a distractor never
+        states the asked relation unless the caller puts it in `facts`.
         """
+        if n_descriptions is None:
+            n_descriptions = rng.randint(0, 1)
         sentences = [self.statement(rng, f) for f in facts]
         own = [r for r in RELATIONS if r.subject == entity.kind and r.name not in avoid
                and r.name not in {f.relation.name for f in facts}]

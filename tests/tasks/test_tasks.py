@@ -188,3 +188,30 @@ def test_small_vocabulary_options(char_tok):
         for n in ex.needles:
             body = body.replace(n, "")
         assert set(body.split()) <= {"dog", "cat.", "cow", "pig.", "dog", "cat", "cow", "pig"}
+
+
+@pytest.mark.parametrize("variant", ["real", "hh", "hl", "lh", "ll", "symbolic"])
+def test_musique_written_hops(variant, char_tok):
+    """answer_hops: the target lists each hop's answer before the final one, F1 is on the final
+    answer alone, and every hop's answer in its needle joins y*."""
+    from tasks import musique
+
+    kwargs = dict(sources=SOURCES["musique"], tokenizer=char_tok, target_tokens=1500, n=2, seed=0, split="train")
+    plain = musique.build(variant, options={"pool_size": 60}, **kwargs).examples
+    hops = musique.build(variant, options={"pool_size": 60, "answer_hops": True}, **kwargs).examples
+    assert len(plain) == len(hops) == 2
+    for p, h in zip(plain, hops):
+        written = h.meta["hops"]
+        assert len(written) == 3 and h.target == " " + " ; ".join(written) and p.target == " " + written[-1]
+        assert h.prompt == p.prompt and h.answers == p.answers
+        assert musique.score(h.target, h) == {"f1": 1.0, "em": 1.0}
+        assert musique.score(" " + written[-1], h)["em"] == 1.0  # the final answer alone is right too
+        assert musique.score(f" {written[-1]} ; {written[0]}", h)["em"] == 0.0  # the last item decides
+        located = {h.prompt[s.start : s.end] for s in h.answer_spans}
+        assert located == set(written), (located, written)
+        assert {p.prompt[s.start : s.end] for s in p.answer_spans} == {written[-1]}
+        for span in h.answer_spans:
+            assert any(n.start <= span.start and span.end <= n.end for n in h.needle_spans)
+    if variant == "real":  # the fixture's decompositions, hop by hop
+        assert sorted(ex.meta["hops"] for ex in hops) == [["Ida Brandt", "Hollin", "the River Tam"],
+                                                          ["Veland", "Port Ellis", "Dr. A. Moreau-Smith"]]
