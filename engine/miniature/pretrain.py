@@ -158,6 +158,7 @@ def ensure_base_model(spec: MiniatureSpec | None = None, cache_dir: Path | None 
         return final
     with open(cache_dir / f".{final.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits here, then finds the entry
+        clear_stale_builds(cache_dir)
         if (final / META).exists():
             return final
         tmp = cache_dir / f".tmp-{final.name}-{os.getpid()}"
@@ -170,6 +171,25 @@ def ensure_base_model(spec: MiniatureSpec | None = None, cache_dir: Path | None 
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def clear_stale_builds(cache_dir: Path) -> None:
+    """Removes the `.tmp-<hash>-<pid>` build directories of pretrainings whose process is gone.
+
+    A killed pretraining never reaches its own cleanup, and a later run only clears its own
+    pid's directory, so without this each kill would leave a partial model behind for good.
+    A directory whose process still runs (a concurrent pretraining of another spec) is kept.
+    """
+    for entry in cache_dir.glob(".tmp-*-*"):
+        pid = entry.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry, ignore_errors=True)
+        except PermissionError:  # alive, owned by another user
+            pass
 
 
 def sources_of(model_dir: Path) -> dict[str, dict[str, str]]:
