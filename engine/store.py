@@ -159,13 +159,6 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def copy_file(source: str | Path, final: str | Path) -> Path:
-    """Copies `source` to `final` atomically."""
-    with atomic_path(final) as tmp:
-        shutil.copyfile(source, tmp)
-    return Path(final)
-
-
 def write_parquet(table: pa.Table, final: str | Path) -> Path:
     with atomic_path(final) as tmp:
         pq.write_table(table, tmp)
