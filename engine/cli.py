@@ -224,6 +224,7 @@ def cmd_data_build(args) -> int:
     from engine.config import check_target_tokens
     from engine.data import build_task_data, render_stats
     from engine.models import load_tokenizer, position_limit
+    from engine.progress import heartbeat
 
     task = data_build_task(args)
     out = Path(args.out)
@@ -237,10 +238,11 @@ def cmd_data_build(args) -> int:
         check_target_tokens(task.target_tokens, limit, "data build: --target-tokens",
                             f"the model's {limit} positions ({why})",
                             ", or pass --max-context N for a context extended beyond them")
-    stats = build_task_data(
-        task.name, args.variant, sources=task.sources, options=task.options, tokenizer=tokenizer,
-        target_tokens=task.target_tokens, n_train=task.n_train, n_eval=task.n_eval, seed=args.seed, out_dir=out,
-    )
+    with heartbeat(console, f"data build {task.name}/{args.variant}"):  # fitting 32K-token prompts takes a while
+        stats = build_task_data(
+            task.name, args.variant, sources=task.sources, options=task.options, tokenizer=tokenizer,
+            target_tokens=task.target_tokens, n_train=task.n_train, n_eval=task.n_eval, seed=args.seed, out_dir=out,
+        )
     console.print(render_stats(stats))
     return 0
 

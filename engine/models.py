@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine.store import write_json
+from engine.store import atomic_dir, write_json
 
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 ALL_LINEAR_MODULES = ATTENTION_MODULES + ("gate_proj", "up_proj", "down_proj")
@@ -246,11 +246,11 @@ def add_lora(model, rank: int = 8, alpha: int = 8, dropout: float = 0.0, target:
 
 
 def save_adapter(model, out_dir: str | Path, base_path: str) -> None:
-    """Writes the adapter (safetensors) and the extension settings it was trained with."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    write_adapter_meta(model.config, out_dir, base_path)
+    """Writes the adapter (safetensors) and the extension settings it was trained with, as one
+    directory that replaces `out_dir` whole."""
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        write_adapter_meta(model.config, tmp, base_path)
 
 
 def write_adapter_meta(config, out_dir: str | Path, base_path: str) -> None:

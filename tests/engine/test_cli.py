@@ -97,6 +97,15 @@ def test_validate_and_plan_refuse_values_no_run_can_use(capsys, experiment):
     assert not (experiment.parent / "run").exists()
 
 
+def test_run_refuses_a_context_the_model_cannot_position(capsys, experiment, tiny_checkpoints):
+    # the tiny Llama has 512 positions at RoPE base 10,000; raised to 40,000 it reaches at most 2,048
+    model = tiny_checkpoints["llama"]
+    assert one_error(capsys, "run", experiment, "model.max_context=100000", "tasks.mdqa.target_tokens=99000") == (
+        f"{experiment}: model.max_context (100000) exceeds the 2048 positions the model can reach "
+        f"(max_position_embeddings 512 of {model} x 4 for the RoPE base raised 10000 -> 40000); valid: up to 2048")
+    assert not (experiment.parent / "run").exists()
+
+
 def test_validate_names_unreadable_experiment_files(capsys, tmp_path):
     assert one_error(capsys, "validate", tmp_path) == f"{tmp_path}: is a directory; expected the experiment file"
     binary = tmp_path / "x.yaml"
