@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from engine.stats import spearman_permutation
-from engine.store import write_parquet
+from engine.store import atomic_dir, write_parquet
 
 KIND_BY_TASK = {"mdqa": "retrieval", "musique": "retrieval", "summhay": "insight"}
 HEAD_SCORE_COLUMNS = ("layer", "head", "kind", "score", "n_examples")
@@ -303,6 +303,12 @@ def run_overlap(
         OverlapError: a missing or malformed input, named by path.
     """
     run_dir = Path(run_dir)
+    final = run_dir / "overlap"
+    with atomic_dir(final) as out:  # every table of one run of the analysis, or none
+        return _write_overlap(run_dir, out, final, tasks, variants, kind_by_task, reference)
+
+
+def _write_overlap(run_dir: Path, out: Path, final: Path, tasks, variants, kind_by_task, reference) -> dict:
     written: dict[str, dict[str, Path]] = {}
     grids_by_task: dict[str, dict[str, np.ndarray]] = {}
     for task in tasks:
@@ -319,9 +325,10 @@ def run_overlap(
         tables, grids_by_task[task] = task_overlap(scores, f1, kind, n_eval, reference)
         written[task] = {}
         for name, table in tables.items():
-            written[task][name] = write_parquet(table, run_dir / "overlap" / task / f"{name}.parquet")
-    cross = write_parquet(cross_task_cosine(grids_by_task), run_dir / "overlap" / "cross_task_cosine.parquet")
-    written["cross_task"] = {"cosine": cross}
+            write_parquet(table, out / task / f"{name}.parquet")
+            written[task][name] = final / task / f"{name}.parquet"
+    write_parquet(cross_task_cosine(grids_by_task), out / "cross_task_cosine.parquet")
+    written["cross_task"] = {"cosine": final / "cross_task_cosine.parquet"}
     return written
 
 

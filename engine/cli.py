@@ -1,5 +1,9 @@
 """The `needlework` command line: one verb for the whole study, one per stage.
 
+Bad input (an experiment file, a flag, a run directory, a data file) is one line naming the
+file, flag or key, and exit code 2; a run that fails (training, an actor pool, synthesis, the
+miniature's check) is its error message without a traceback, and exit code 1.
+
 Example:
     $ needlework validate experiments/demo.yaml
     $ needlework plan experiments/demo.yaml
@@ -18,12 +22,22 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 console = Console()
 err_console = Console(stderr=True)
 DEMO_YAML = Path(__file__).resolve().parents[1] / "experiments" / "demo.yaml"
 RECIPE_YAML = Path(__file__).resolve().parents[1] / "experiments" / "miniature.yaml"
 STAGE_VERBS = {"data": "data", "train": "train", "evaluate": "evaluate", "knockout": "knockout", "patch": "patching"}
+# Each module's own errors, by kind. A module that was never imported cannot have raised its
+# error, so only imported ones are looked up (the CLI starts without torch or Ray).
+BAD_INPUT = {"engine.config": "ConfigError", "engine.store": "StoreError", "engine.models": "ModelError",
+             "tasks.build": "DataError", "engine.evaluate": "EvalError", "engine.artifacts": "ReportError",
+             "engine.decode": "DecodeError", "engine.heads": "HeadError", "engine.train_worker": "TrainDataError",
+             "analyses.knockout": "KnockoutError", "analyses.patching": "PatchingError",
+             "analyses.overlap": "OverlapError", "engine.cost_inputs": "CostError"}
+RUN_FAILURES = {"engine.pool": "PoolError", "engine.train": "TrainError", "engine.synth.backend": "SynthError",
+                "engine.miniature.pretrain": "MiniatureError"}
 
 
 def _experiment(args):
@@ -77,14 +91,25 @@ def print_cost(cost, todo: int) -> None:
         console.print(f"  {line}")
 
 
-def cmd_run(args) -> int:
-    from engine.config import STAGES
-    from engine.pipeline import run_experiment
+def parse_stages(text: str | None) -> tuple[str, ...]:
+    """`--stages`: every stage when not given; an empty, blank or unknown stage is an error."""
+    from engine.config import STAGES, ConfigError
 
-    stages = tuple(s.strip() for s in args.stages.split(",")) if args.stages else STAGES
+    if text is None:
+        return STAGES
+    stages = tuple(s.strip() for s in text.split(","))
+    if not any(stages) or "" in stages:
+        raise ConfigError(f"--stages {text!r}: expected a comma-separated subset of: {', '.join(STAGES)}")
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
-        raise SystemExit(f"--stages: unknown stage {unknown[0]!r}; valid: {', '.join(STAGES)}")
+        raise ConfigError(f"--stages: unknown stage {unknown[0]!r}; valid: {', '.join(STAGES)}")
+    return stages
+
+
+def cmd_run(args) -> int:
+    from engine.pipeline import run_experiment
+
+    stages = parse_stages(args.stages)
     out = run_experiment(_experiment(args), stages=stages)
     console.print(f"[bold green]done[/]: {out}")
     return 0
@@ -134,7 +159,9 @@ def cmd_status(args) -> int:
 
 def cmd_report(args) -> int:
     from engine.report import print_summary, write_report
+    from engine.store import RunStore
 
+    RunStore(args.run_dir).read_config()  # refuses a directory that is no run directory
     path = write_report(Path(args.run_dir))
     print_summary(Path(args.run_dir), console)
     console.print(f"report: {path}")
@@ -200,21 +227,80 @@ def cmd_miniature_pretrain(args) -> int:
     return 0
 
 
+def _key_values(items: list[str], flag: str, example: str) -> dict[str, str]:
+    from engine.config import ConfigError
+
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{flag} {item!r}: expected KEY=VALUE, e.g. {flag} {example}")
+        pairs[key.strip()] = value
+    return pairs
+
+
+def data_build_task(args):
+    """The `data build` flags as a task config, through the experiment YAML's own checks.
+
+    Errors name the flag (`--n`) rather than the YAML key (`n_train`) it stands for.
+    """
+    import yaml
+
+    from engine.config import ConfigError, parse_task
+
+    sources = _key_values(args.source, "--source", "train=nq.jsonl.gz")
+    options = {k: yaml.safe_load(v) for k, v in _key_values(args.option, "--option", "gold_position=0").items()}
+    body = {"variants": [args.variant], "sources": sources, "options": options, "n_train": args.n,
+            "n_eval": args.n_eval, "target_tokens": args.target_tokens}
+    try:
+        task = parse_task(args.task, body, "data build")
+    except ConfigError as err:
+        message = str(err)
+        for key, flag in (("n_train", "--n"), ("n_eval", "--n-eval"), ("target_tokens", "--target-tokens"),
+                          ("sources.", "--source "), ("sources", "--source"), ("options", "--option"),
+                          ("variants", "--variant"), ("", "--task")):
+            message = message.replace(f"tasks.{args.task}.{key}" if key else f"tasks.{args.task}", flag)
+        raise ConfigError(message.replace("--variant[0]", "--variant")) from None
+    if args.variant == "base":
+        raise ConfigError("data build: --variant 'base' is the non-fine-tuned model and has no dataset of its own")
+    return task
+
+
+def _check_out(out: Path, force: bool) -> None:
+    from engine.config import ConfigError
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / "build.json").exists():
+            raise ConfigError(f"--out {out}: not empty and not a dataset directory; choose another --out")
+        if not force:
+            raise ConfigError(f"--out {out}: holds a previous build; pass --force to replace it whole")
+
+
 def cmd_data_build(args) -> int:
+    from engine.config import check_target_tokens
     from engine.data import build_task_data, render_stats
-    from engine.models import load_tokenizer
+    from engine.models import load_tokenizer, position_limit
+    from engine.progress import heartbeat
 
-    sources = dict(item.split("=", 1) for item in args.source)
-    options = {}
-    for item in args.option:
-        import yaml
-
-        key, value = item.split("=", 1)
-        options[key] = yaml.safe_load(value)
-    stats = build_task_data(
-        args.task, args.variant, sources=sources, options=options, tokenizer=load_tokenizer(args.tokenizer),
-        target_tokens=args.target_tokens, n_train=args.n, n_eval=args.n_eval, seed=args.seed, out_dir=Path(args.out),
-    )
+    task = data_build_task(args)
+    out = Path(args.out)
+    _check_out(out, args.force)
+    tokenizer = load_tokenizer(args.tokenizer)
+    if args.max_context is not None:
+        check_target_tokens(task.target_tokens, args.max_context, "data build: --target-tokens",
+                            f"--max-context ({args.max_context})")
+    else:
+        limit, why = position_limit(args.tokenizer, tokenizer=tokenizer)
+        check_target_tokens(task.target_tokens, limit, "data build: --target-tokens",
+                            f"the model's {limit} positions ({why})",
+                            ", or pass --max-context N for a context extended beyond them")
+    with heartbeat(console, f"data build {task.name}/{args.variant}"):  # fitting 32K-token prompts takes a while
+        stats = build_task_data(
+            task.name, args.variant, sources=task.sources, options=task.options, tokenizer=tokenizer,
+            target_tokens=task.target_tokens, n_train=task.n_train, n_eval=task.n_eval, seed=args.seed, out_dir=out,
+        )
     console.print(render_stats(stats))
     return 0
 
@@ -273,10 +359,13 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--option", action="append", default=[], help="KEY=VALUE task option")
     b.add_argument("--tokenizer", required=True, help="model path or hub id whose tokenizer fits lengths")
     b.add_argument("--target-tokens", type=int, default=32000)
+    b.add_argument("--max-context", type=int, default=None,
+                   help="the context the model is extended to (model.max_context); default: the model's positions")
     b.add_argument("--n", type=int, default=400)
     b.add_argument("--n-eval", type=int, default=100)
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--out", required=True)
+    b.add_argument("--out", required=True, help="dataset directory, replaced whole when the build succeeds")
+    b.add_argument("--force", action="store_true", help="replace an --out that holds a previous build")
     b.set_defaults(func=cmd_data_build)
     st = data_sub.add_parser("stats", help="counts, lengths and needle positions of a dataset directory")
     st.add_argument("dir")
@@ -308,24 +397,28 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _raised(kinds: dict[str, str]) -> tuple[type, ...]:
+    return tuple(getattr(sys.modules[module], name) for module, name in kinds.items() if module in sys.modules)
+
+
+def print_error(label: str, err: BaseException) -> None:
+    # One line whatever the width (no wrapping), and the message never read as rich markup.
+    err_console.print(Text.assemble((f"{label}: ", "bold red"), str(err)), soft_wrap=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = parser().parse_args(argv)
-    from engine.config import ConfigError
-    from engine.cost_inputs import CostError
-    from engine.models import ModelError
-    from engine.store import StoreError
-
-    from tasks.build import DataError
-
-    from engine.miniature import MiniatureError
-
-    errors = (ConfigError, CostError, ModelError, StoreError, DataError, FileNotFoundError, MiniatureError)
     try:
         return args.func(args)
-    except errors as err:
-        err_console.print(f"[bold red]error:[/] {err}")
-        return 2
+    except Exception as err:
+        if isinstance(err, _raised(BAD_INPUT) + (FileNotFoundError,)):
+            print_error("error", err)
+            return 2
+        if isinstance(err, _raised(RUN_FAILURES)):
+            print_error("failed", err)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

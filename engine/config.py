@@ -1,8 +1,11 @@
 """Experiment YAML -> frozen dataclasses, grid expansion and content hashes per stage.
 
 One YAML file describes one experiment grid: a model, the tasks with their variants, and
-the settings of every stage. Keys map one-to-one onto the dataclasses below; an unknown or
-mistyped key is an error naming the key, the file and the valid choices.
+the settings of every stage. Keys map one-to-one onto the dataclasses below; an unknown,
+mistyped, duplicated or out-of-range key, a value outside its choices and a source file that
+does not exist are each an error naming the file, the key and what is valid, raised here at
+load time, before any stage runs. `needlework data build` validates its flags through the
+same functions (`parse_task`, `check_target_tokens`).
 
 Example:
     >>> exp = load_experiment("experiments/demo.yaml", overrides=["train.lr=1e-4"])
@@ -16,6 +19,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -35,18 +39,46 @@ NAMED_LIMITED = re.compile(rf"{LIMITED}_[a-z0-9_]+")
 STAGES = ("data", "train", "evaluate", "knockout", "patching", "report")
 
 
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+HEAD_KINDS = ("retrieval", "insight")
+LORA_TARGETS = ("attention", "all")
+
+
 class ConfigError(ValueError):
     """A bad experiment file: names the file and the key."""
+
+
+# The valid values of a field live in its metadata; `build` checks them for every section.
+def at_least(low: float) -> dict:
+    return {"min": low}
+
+
+def above(low: float) -> dict:
+    return {"gt": low}
+
+
+def in_range(low: float, below: float) -> dict:
+    """[low, below)."""
+    return {"min": low, "lt": below}
+
+
+def one_of(*choices: str) -> dict:
+    return {"choices": choices}
+
+
+def each(limits: dict) -> dict:
+    """Limits on every item of a tuple."""
+    return {"each": limits}
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     name: str
     path: str  # local dir, hub id, or "miniature" (the engine pretrains the bundled base model)
-    rope_base: float | None = None  # the raised base used for every fine-tune and evaluation
-    sliding_window: int | None = None
-    max_context: int = 32768
-    dtype: str = "auto"  # "auto": bfloat16 on GPU, float32 on CPU
+    rope_base: float | None = field(default=None, metadata=above(0))  # the raised base of every fine-tune and evaluation
+    sliding_window: int | None = field(default=None, metadata=at_least(1))
+    max_context: int = field(default=32768, metadata=at_least(2))
+    dtype: str = field(default="auto", metadata=one_of(*DTYPES))  # "auto": bfloat16 on GPU, float32 on CPU
     trust_remote_code: bool = False
     attn_implementation: str | None = None
 
@@ -61,64 +93,68 @@ class TaskConfig:
     # named limited variants: `real_limited_<name>` -> its options (instead of limited_options)
     limited_variants: dict = field(default_factory=dict)
     variant_options: dict = field(default_factory=dict)  # variant -> options for that variant only
-    n_train: int = 400
-    n_eval: int = 100
-    target_tokens: int = 32000
-    head_kind: str | None = None  # retrieval | insight; None: the task's default
+    n_train: int = field(default=400, metadata=at_least(1))  # train + validation examples
+    n_eval: int = field(default=100, metadata=at_least(1))  # every experiment evaluates on the real task
+    target_tokens: int = field(default=32000, metadata=at_least(1))
+    head_kind: str | None = field(default=None, metadata=one_of(*HEAD_KINDS))  # None: the task's default
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    lora_rank: int = 8
-    lora_alpha: int = 8
-    lora_dropout: float = 0.0
-    lora_target: str = "attention"  # attention | all
-    batch_size: int = 1
-    grad_accum: int = 4
-    lr: float = 5e-5
-    epochs: float = 1.0
-    max_steps: int = -1
-    warmup_ratio: float = 0.0
-    weight_decay: float = 0.0
-    max_length: int = 32768
+    lora_rank: int = field(default=8, metadata=at_least(1))
+    lora_alpha: int = field(default=8, metadata=at_least(1))
+    lora_dropout: float = field(default=0.0, metadata=in_range(0, 1))
+    lora_target: str = field(default="attention", metadata=one_of(*LORA_TARGETS))
+    batch_size: int = field(default=1, metadata=at_least(1))
+    grad_accum: int = field(default=4, metadata=at_least(1))
+    lr: float = field(default=5e-5, metadata=above(0))
+    epochs: float = field(default=1.0, metadata=at_least(0))
+    max_steps: int = field(default=-1, metadata=at_least(-1))  # -1: from epochs
+    warmup_ratio: float = field(default=0.0, metadata=in_range(0, 1))
+    weight_decay: float = field(default=0.0, metadata=at_least(0))
+    max_length: int = field(default=32768, metadata=at_least(2))
     gradient_checkpointing: bool = False  # recompute activations in backward: 32K contexts on 7-8B models
-    num_workers: int = 1
-    cpus_per_worker: float = 1
-    gpus_per_worker: float = 0
+    num_workers: int = field(default=1, metadata=at_least(1))
+    cpus_per_worker: float = field(default=1, metadata=above(0))
+    gpus_per_worker: float = field(default=0, metadata=at_least(0))
     deepspeed: dict | None = None
     storage_path: str | None = None
-    save_steps: int = 50
-    max_failures: int = 2
-    max_concurrent: int | None = None  # None: from cluster resources
+    save_steps: int = field(default=50, metadata=at_least(1))
+    max_failures: int = field(default=2, metadata=at_least(-1))  # -1: retry forever (Ray Train)
+    max_concurrent: int | None = field(default=None, metadata=at_least(1))  # None: from cluster resources
     ray_env: dict | None = None  # env of each run's Ray Train controller and workers (not hashed)
+
+    def __post_init__(self):
+        if self.epochs <= 0 and self.max_steps <= 0:
+            raise ValueError("epochs and max_steps: set epochs > 0 or max_steps > 0")
 
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    batch_size: int = 4
-    max_new_tokens: int | None = None  # None: the task's default
-    num_actors: int | None = None  # None: as many as the cluster fits
-    cpus_per_actor: float = 1
-    gpus_per_actor: float = 0
-    shard_size: int = 16
-    max_retries: int = 3
+    batch_size: int = field(default=4, metadata=at_least(1))
+    max_new_tokens: int | None = field(default=None, metadata=at_least(1))  # None: the task's default
+    num_actors: int | None = field(default=None, metadata=at_least(1))  # None: as many as the cluster fits
+    cpus_per_actor: float = field(default=1, metadata=above(0))
+    gpus_per_actor: float = field(default=0, metadata=at_least(0))
+    shard_size: int = field(default=16, metadata=at_least(1))
+    max_retries: int = field(default=3, metadata=at_least(0))
     insight_strict: bool = False
-    limit: int | None = None  # evaluate only the first N examples
+    limit: int | None = field(default=None, metadata=at_least(1))  # evaluate only the first N examples
 
 
 @dataclass(frozen=True)
 class KnockoutConfig:
     enabled: bool = True
-    ks: tuple[int, ...] = (0, 10, 20, 50, 100)
+    ks: tuple[int, ...] = field(default=(0, 10, 20, 50, 100), metadata=each(at_least(0)))
     seeds: tuple[int, ...] = (0, 1, 2)
-    variants: tuple[str, ...] = ("real",)
+    variants: tuple[str, ...] = field(default=("real",), metadata=each(one_of(*VARIANTS)))
 
 
 @dataclass(frozen=True)
 class PatchingConfig:
     enabled: bool = True
-    source: str = "real"
-    variants: tuple[str, ...] | None = None  # None: every synthetic variant trained
+    source: str = field(default="real", metadata=one_of(*VARIANTS))
+    variants: tuple[str, ...] | None = field(default=None, metadata=each(one_of(*VARIANTS)))  # None: every synthetic variant trained
     seeds: tuple[int, ...] = (0,)
 
 
@@ -128,7 +164,7 @@ class Experiment:
     model: ModelConfig
     tasks: tuple[TaskConfig, ...]
     run_dir: str | None = None
-    seeds: tuple[int, ...] = (0,)
+    seeds: tuple[int, ...] = field(default=(0,), metadata={"nonempty": True})
     synth: Any = None  # engine.synth.SynthConfig
     miniature: Any = None  # engine.miniature.MiniatureSpec, when model.path == "miniature"
     train: TrainConfig = TrainConfig()
@@ -181,35 +217,79 @@ def _section_class(name: str) -> type:
 SECTIONS = ("synth", "miniature")
 
 
-def load_experiment(path: str | Path, overrides: typing.Sequence[str] = ()) -> Experiment:
-    """Reads an experiment YAML, applies `key=value` overrides and validates every key."""
-    raw = read_mapping(path, "experiment")
+def load_experiment(path: str | Path, overrides: typing.Sequence[str] = (), check_sources: bool = True) -> Experiment:
+    """Reads an experiment YAML, applies `key=value` overrides and validates every key.
+
+    Args:
+        path: the experiment file.
+        overrides: dotted `key=value` settings applied on top of the file.
+        check_sources: require every `tasks.<task>.sources` path to exist.
+
+    Raises:
+        ConfigError: the first problem found, naming the file and the key (or line).
+    """
+    raw = read_yaml(path, "experiment file")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
     for item in overrides:
         apply_override(raw, item, source=str(path))
-    return parse_experiment(raw, source=str(path))
+    return parse_experiment(raw, source=str(path), check_sources=check_sources)
+
 
 
 def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()):
     """Reads a miniature recipe (experiments/miniature.yaml: the fields of
     `engine.miniature.MiniatureSpec`), validated like an experiment's sections."""
-    raw = read_mapping(path, "recipe")
+    raw = read_yaml(path, "recipe file")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
     for item in overrides:
         apply_override(raw, item, source=str(path))
     return build(_section_class("miniature"), raw, f"{path}:")
 
 
-def read_mapping(path: str | Path, what: str) -> dict:
-    """The top-level mapping of a YAML file; one clear error for a missing file or bad YAML."""
+def read_yaml(path: str | Path, what: str) -> Any:
+    """The YAML document in `path`, with one clear error for a missing, unreadable or
+    malformed file and for a mapping that repeats a key (YAML would keep only the last)."""
     path = Path(path)
     if not path.exists():
-        raise ConfigError(f"{path}: no such {what} file")
+        raise ConfigError(f"{path}: no such {what}")
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory; expected the {what}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {err.start}: {err.reason})") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read: {err.strerror}") from None
+    try:
+        _check_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader), path)
+        return yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    return raw
+        from engine.store import yaml_problem
+
+        raise ConfigError(f"{path}: not valid YAML: {yaml_problem(err)}") from None
+
+
+def _check_duplicate_keys(node, path: Path, seen_nodes: set | None = None) -> None:
+    seen_nodes = set() if seen_nodes is None else seen_nodes
+    if node is None or id(node) in seen_nodes:
+        return
+    seen_nodes.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first: dict[str, int] = {}
+        for key, value in node.value:
+            name = key.value if isinstance(key, yaml.ScalarNode) else None
+            if name is not None and name != "<<":
+                line = key.start_mark.line + 1
+                if name in first:
+                    raise ConfigError(f"{path}:{line}: duplicate key {name!r} (first at line {first[name]}); "
+                                      f"YAML would silently keep only the last")
+                first[name] = line
+            _check_duplicate_keys(value, path, seen_nodes)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _check_duplicate_keys(item, path, seen_nodes)
 
 
 def apply_override(raw: dict, item: str, source: str = "command line") -> None:
@@ -229,14 +309,14 @@ def apply_override(raw: dict, item: str, source: str = "command line") -> None:
     node[parts[-1]] = yaml.safe_load(value)
 
 
-def parse_experiment(raw: dict, source: str = "<experiment>") -> Experiment:
+def parse_experiment(raw: dict, source: str = "<experiment>", check_sources: bool = True) -> Experiment:
     raw = dict(raw)
     tasks_raw = raw.pop("tasks", None)
     if not isinstance(tasks_raw, dict) or not tasks_raw:
         raise ConfigError(f"{source}: 'tasks' must map task names to their settings")
     tasks = []
     for name, body in tasks_raw.items():
-        tasks.append(_parse_task(name, body or {}, source))
+        tasks.append(parse_task(name, body or {}, source, check_sources=check_sources))
     values: dict[str, Any] = {"tasks": tuple(tasks), "source_file": source}
     for key, value in raw.items():
         if key in SECTIONS:
@@ -249,21 +329,34 @@ def parse_experiment(raw: dict, source: str = "<experiment>") -> Experiment:
         experiment = dataclasses.replace(experiment, miniature=_section_class("miniature")())
     _check_sweep(experiment, source)
     for task in experiment.tasks:
-        if task.target_tokens >= experiment.model.max_context:
-            raise ConfigError(
-                f"{source}: tasks.{task.name}.target_tokens ({task.target_tokens}) leaves no room for the answer "
-                f"within model.max_context ({experiment.model.max_context})"
-            )
+        check_target_tokens(task.target_tokens, experiment.model.max_context,
+                            f"{source}: tasks.{task.name}.target_tokens",
+                            f"model.max_context ({experiment.model.max_context})")
     return experiment
 
 
-def _parse_task(name: str, body: dict, source: str) -> TaskConfig:
+def check_target_tokens(target_tokens: int, max_context: int | None, where: str, limit: str, hint: str = "") -> None:
+    """A prompt of `target_tokens` must leave room for the answer within `max_context` (`limit` names it)."""
+    if max_context is not None and target_tokens >= max_context:
+        raise ConfigError(f"{where} ({target_tokens}) leaves no room for the answer within {limit}; "
+                          f"valid: 1 to {max_context - 1}{hint}")
+
+
+def parse_task(name: str, body: Any, source: str, check_sources: bool = True) -> TaskConfig:
+    """One task's settings (`tasks.<name>` of an experiment YAML), checked against the task.
+
+    Raises:
+        ConfigError: an unknown task, variant, option or source key, a value out of range, or
+            (with `check_sources`) a source path that does not exist.
+    """
     from tasks import get_task
 
     try:
         module = get_task(name)
     except (KeyError, ValueError) as err:
         raise ConfigError(f"{source}: tasks.{name}: {err}") from err
+    if not isinstance(body, dict):
+        raise ConfigError(f"{source}: tasks.{name}: expected a mapping of settings, got {type(body).__name__}")
     config = build(TaskConfig, {"name": name, **body}, f"{source}: tasks.{name}")
     for limited, options in config.limited_variants.items():
         if LIMITED not in module.VARIANTS:
@@ -297,9 +390,17 @@ def _parse_task(name: str, body: dict, source: str) -> TaskConfig:
             )
     unknown = sorted(set(config.sources) - set(module.SOURCES))
     if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), module.SOURCES, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(
-            f"{source}: tasks.{name}.sources: unknown source {unknown[0]!r}; valid: {', '.join(module.SOURCES)}"
+            f"{source}: tasks.{name}.sources: unknown source {unknown[0]!r}{hint}; valid: {', '.join(module.SOURCES)}"
         )
+    for key, value in config.sources.items():
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{source}: tasks.{name}.sources.{key}: expected a file path, got {value!r}")
+        if check_sources and not Path(value).expanduser().exists():
+            raise ConfigError(f"{source}: tasks.{name}.sources.{key}: {value} does not exist"
+                              + ("" if Path(value).is_absolute() else f" (relative to {Path.cwd()})"))
     return config
 
 
@@ -325,7 +426,11 @@ def build(cls, data: Any, where: str, prebuilt: set[str] = frozenset()):
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             valid = ", ".join(f for f in fields if f != "source_file")
             raise ConfigError(f"{where}: unknown key {key!r}{hint}; valid keys: {valid}")
-        values[key] = value if key in prebuilt else _coerce(value, hints[key], _join(where_key, key))
+        if key in prebuilt:
+            values[key] = value
+        else:
+            values[key] = _coerce(value, hints[key], _join(where_key, key))
+            check_limits(values[key], fields[key].metadata, _join(where_key, key))
     missing = [
         name
         for name, f in fields.items()
@@ -333,7 +438,36 @@ def build(cls, data: Any, where: str, prebuilt: set[str] = frozenset()):
     ]
     if missing:
         raise ConfigError(f"{where}: missing required key {missing[0]!r}")
-    return cls(**values)
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as err:  # a section's own checks (__post_init__)
+        message = str(err)
+        section = where.rsplit(" ", 1)[-1]
+        if message.startswith(section) and where.endswith(" " + section):
+            raise ConfigError(f"{where[: -len(section)].rstrip()} {message}") from None
+        raise ConfigError(f"{where}: {message}") from None
+
+
+def check_limits(value: Any, limits: typing.Mapping, where: str) -> None:
+    """Checks `value` against a field's limits (`at_least`, `above`, `in_range`, `one_of`, `each`)."""
+    if value is None:
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: {value!r} is not a finite number")
+    if "each" in limits:
+        for i, item in enumerate(value):
+            check_limits(item, limits["each"], f"{where}[{i}]")
+    if limits.get("nonempty") and not value:
+        raise ConfigError(f"{where}: must not be empty")
+    if "choices" in limits and value not in limits["choices"]:
+        close = difflib.get_close_matches(str(value), [str(c) for c in limits["choices"]], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{where}: {value!r} is not a valid choice{hint}; valid: {', '.join(map(str, limits['choices']))}")
+    low, above_, below = limits.get("min"), limits.get("gt"), limits.get("lt")
+    if (low is not None and value < low) or (above_ is not None and value <= above_) or (below is not None and value >= below):
+        bounds = [f">= {low:g}" if low is not None else "", f"> {above_:g}" if above_ is not None else "",
+                  f"< {below:g}" if below is not None else ""]
+        raise ConfigError(f"{where}: {value!r} is out of range; valid: {' and '.join(b for b in bounds if b)}")
 
 
 def _join(where: str, key: str) -> str:
@@ -394,12 +528,22 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
 
 
 def _check_sweep(experiment: Experiment, source: str) -> None:
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    hints = typing.get_type_hints(TrainConfig)
     for key, values in experiment.sweep.items():
         section, _, name = key.partition(".")
-        if section != "train" or name not in {f.name for f in dataclasses.fields(TrainConfig)}:
+        if section != "train" or name not in fields:
             raise ConfigError(f"{source}: sweep key {key!r}: only train.<key> can be swept")
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{source}: sweep.{key}: expected a non-empty list of values")
+        for i, value in enumerate(values):  # each swept value must be one the train section accepts
+            where = f"{source}: sweep.{key}[{i}]"
+            value = _coerce(value, hints[name], where)
+            check_limits(value, fields[name].metadata, where)
+            try:
+                dataclasses.replace(experiment.train, **{name: value})
+            except (TypeError, ValueError) as err:
+                raise ConfigError(f"{where}: {err}") from None
 
 
 # ----------------------------------------------------------------------------- grid

@@ -2,7 +2,8 @@
 
 Writes `runs/<exp>/data/<task>/<variant>/{train,val,eval}.parquet` and `stats.json` (Zhao et
 al. 2025: 90/10 train/validation from the training pool; the evaluation set from the real
-task's evaluation split). Every file is written atomically.
+task's evaluation split). A dataset directory is built beside its final path and renamed into
+place whole, so it holds one complete build or does not exist.
 
 Example:
     >>> stats = build_task_data("mdqa", "hl", sources={}, options={}, tokenizer="path/to/model",
@@ -20,25 +21,15 @@ import random
 import statistics
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
+from engine.store import atomic_dir, write_json, write_parquet
 from tasks import get_task
 from tasks.build import DataError
 from tasks.example import SCHEMA, from_table, to_table
 
 SPLITS = ("train", "val", "eval")
-
-
-def _atomic_parquet(examples, path: Path) -> None:
-    tmp = path.with_suffix(".parquet.tmp")
-    pq.write_table(to_table(examples), tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_json(obj, path: Path) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def _tokenizer(tokenizer):
@@ -64,7 +55,8 @@ def build_task_data(task: str, variant: str, *, sources: dict, options: dict, to
         n_train: examples for train + validation together (split by `val_fraction`, seeded).
         n_eval: evaluation examples, built for the real variant from its `eval` source.
         seed: seeds every random choice.
-        out_dir: directory receiving the Parquet files and stats.json.
+        out_dir: the dataset directory (Parquet files, build.json, stats.json); replaced
+            whole when the build succeeds, untouched when it fails.
         synth: synthesizer for LLM-written text, or None for templates.
     """
     from engine.config import variant_kind
@@ -74,7 +66,6 @@ def build_task_data(task: str, variant: str, *, sources: dict, options: dict, to
     if kind not in module.VARIANTS:
         raise DataError(f"{task}: unknown variant {variant!r}; valid: {', '.join(module.VARIANTS)}")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     tok = _tokenizer(tokenizer)
     common = dict(sources=sources, options=options, tokenizer=tok, target_tokens=target_tokens, seed=seed,
                   synth=synth)
@@ -91,15 +82,16 @@ def build_task_data(task: str, variant: str, *, sources: dict, options: dict, to
         _check_not_empty(eval_examples, task, variant, "eval", sources, result.dropped)
     random.Random(seed).shuffle(examples)
     n_val = int(round(len(examples) * val_fraction))
-    _atomic_parquet(examples[n_val:], out_dir / "train.parquet")
-    _atomic_parquet(examples[:n_val], out_dir / "val.parquet")
-    if eval_examples is not None:
-        _atomic_parquet(eval_examples, out_dir / "eval.parquet")
     meta = {"task": task, "variant": variant, "target_tokens": target_tokens, "seed": seed, "dropped": dropped,
             "n_requested": {"train_val": n_train, "eval": n_eval if variant == "real" else 0}}
-    _atomic_json(meta, out_dir / "build.json")
-    stats = dataset_stats(out_dir)
-    _atomic_json(stats, out_dir / "stats.json")
+    with atomic_dir(out_dir) as tmp:
+        write_parquet(to_table(examples[n_val:]), tmp / "train.parquet")
+        write_parquet(to_table(examples[:n_val]), tmp / "val.parquet")
+        if eval_examples is not None:
+            write_parquet(to_table(eval_examples), tmp / "eval.parquet")
+        write_json(meta, tmp / "build.json")
+        stats = {**dataset_stats(tmp), "dir": str(out_dir)}
+        write_json(stats, tmp / "stats.json")
     return stats
 
 
@@ -130,18 +122,32 @@ def _summary(values: list[float]) -> dict:
 
 
 def dataset_stats(dir) -> dict:
-    """Counts, prompt lengths, needle depths and dropped counts of a dataset directory."""
+    """Counts, prompt lengths, needle depths and dropped counts of a dataset directory.
+
+    Raises:
+        DataError: no such directory, or a file in it that is not what a build writes.
+    """
     dir = Path(dir)
     if not dir.is_dir():
-        raise FileNotFoundError(f"{dir}: no such dataset directory")
-    build = json.loads((dir / "build.json").read_text()) if (dir / "build.json").exists() else {}
+        raise DataError(f"{dir}: no such dataset directory")
+    build = {}
+    if (dir / "build.json").exists():
+        try:
+            build = json.loads((dir / "build.json").read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise DataError(f"{dir / 'build.json'}: not a build record ({err})") from None
+        if not isinstance(build, dict):
+            raise DataError(f"{dir / 'build.json'}: not a build record (expected a JSON object)")
     splits = {}
     for split in SPLITS:
         path = dir / f"{split}.parquet"
         if not path.exists():
             continue
-        table = pq.read_table(path, schema=SCHEMA)
-        examples = from_table(table)
+        try:
+            table = pq.read_table(path, schema=SCHEMA)
+            examples = from_table(table)
+        except (OSError, pa.ArrowException, KeyError, TypeError, ValueError) as err:
+            raise DataError(f"{path}: not a dataset split ({str(err).splitlines()[0]})") from None
         depths = [d for e in examples for d in e.meta.get("needle_depths", [])]
         hist = [0] * 10
         for d in depths:
@@ -153,23 +159,43 @@ def dataset_stats(dir) -> dict:
             "needle_depth_deciles": hist,
             "filler_words": _summary([e.meta.get("n_filler_words", 0) for e in examples]),
         }
+    if not splits:
+        raise DataError(f"{dir}: not a dataset directory (no {', '.join(f'{s}.parquet' for s in SPLITS)})")
     return {"dir": str(dir), "task": build.get("task"), "variant": build.get("variant"),
             "target_tokens": build.get("target_tokens"), "splits": splits, "dropped": build.get("dropped", {})}
 
 
+# Examples are dropped while a build draws them, before the train / val split is made: the
+# train and val splits share one build ("train"), the eval split has its own.
+_BUILDS = {"train": "train + val", "eval": "eval"}
+
+
 def render_stats(stats: dict):
-    """A rich table of `dataset_stats` output."""
+    """Rich tables of `dataset_stats` output: the splits, then why examples were dropped.
+
+    The drop reasons get a table of their own, one row per build and reason, so that no reason
+    is cut to fit a narrow terminal and no split shows another's counts.
+    """
+    from rich.console import Group
     from rich.table import Table
 
     title = f"{stats.get('task')} / {stats.get('variant')}  (target {stats.get('target_tokens')} tokens)"
     table = Table(title=title)
-    for col in ("split", "count", "tokens min", "median", "max", "needles/ex", "needle depth deciles", "dropped"):
-        table.add_column(col, justify="left" if col in ("split", "needle depth deciles", "dropped") else "right")
+    for col in ("split", "count", "tokens min", "median", "max", "needles/ex", "needle depth deciles"):
+        table.add_column(col, justify="left" if col in ("split", "needle depth deciles") else "right")
     for split, s in stats["splits"].items():
         n = s["n_tokens"] or {}
-        dropped = stats["dropped"].get("train" if split in ("train", "val") else split, {})
         table.add_row(split, str(s["count"]), str(n.get("min", "-")), f"{n.get('median', 0):.0f}",
                       str(n.get("max", "-")), f"{(s['needles_per_example'] or {}).get('mean', 0):.1f}",
-                      " ".join(map(str, s["needle_depth_deciles"])),
-                      ", ".join(f"{k}={v}" for k, v in sorted(dropped.items())) or "-")
-    return table
+                      " ".join(map(str, s["needle_depth_deciles"])))
+    dropped = Table(title="dropped while building")
+    dropped.add_column("build", no_wrap=True)
+    dropped.add_column("reason", overflow="fold")
+    dropped.add_column("examples", justify="right", no_wrap=True)
+    for build, label in _BUILDS.items():
+        reasons = stats.get("dropped", {}).get(build)
+        if reasons is None:
+            continue
+        for reason, count in sorted(reasons.items()) or [("none", 0)]:
+            dropped.add_row(label, reason, str(count))
+    return Group(table, dropped) if dropped.row_count else table

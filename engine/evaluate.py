@@ -10,7 +10,8 @@ An evaluation set is cut into shards of `PoolConfig.shard_size` examples. Actors
 model) and keep it while they take more shards of the same pair. Each finished shard is
 written atomically to `<out_dir>/shards/`; a re-run skips shards whose file exists, so a
 crashed driver resumes where it stopped. When every shard of a job is in, they are merged
-into `predictions.parquet` and `head_scores.parquet` (layout.md) and `summary.json`.
+into `predictions.parquet`, `head_scores.parquet` (layout.md) and `summary.json`, and that
+directory replaces `out_dir` whole: a job's outputs appear together or not at all.
 
 Example:
     >>> ref = ModelRef("runs/demo/base", "runs/demo/models/mdqa/real")
@@ -35,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine.pool import PoolConfig, PoolStats, WorkItem, run_pool
-from engine.store import read_json, write_json, write_parquet
+from engine.store import atomic_dir, read_json, write_json, write_parquet
 
 __all__ = ["EvalError", "EvalJob", "EvalWorker", "LoadedModels", "ModelRef", "PoolConfig", "evaluate_shard",
            "load_models", "run_eval_pool", "run_jobs"]
@@ -386,9 +387,6 @@ def merge_shards(plan: _JobPlan, keep_shards: bool) -> dict:
     index = table.column("index").to_numpy()
     if not np.array_equal(index, np.arange(plan.n_examples)):
         raise EvalError(f"job {job.name}: shards hold rows {index.tolist()[:20]}..., expected 0..{plan.n_examples - 1}")
-    write_parquet(table.select(PREDICTION_SCHEMA.names), out / "predictions.parquet")
-    if job.score_heads:
-        write_parquet(score_table(_stack(table, "retrieval"), _stack(table, "insight")), out / "head_scores.parquet")
     summary = {
         "name": job.name,
         "hash": plan.digest,
@@ -397,13 +395,18 @@ def merge_shards(plan: _JobPlan, keep_shards: bool) -> dict:
         "n": table.num_rows,
         "out_dir": str(out),
     }
-    write_json(summary, out / "summary.json")
-    if not keep_shards:
-        for path in plan.shard_paths:
-            path.unlink(missing_ok=True)
-        shards = out / "shards"
-        if shards.is_dir() and not any(shards.iterdir()):
-            shards.rmdir()
+    # The shards stay in the old out_dir until the new one replaces it: a crash before the
+    # swap leaves them for the next run to merge again.
+    with atomic_dir(out) as tmp:
+        write_parquet(table.select(PREDICTION_SCHEMA.names), tmp / "predictions.parquet")
+        if job.score_heads:
+            write_parquet(score_table(_stack(table, "retrieval"), _stack(table, "insight")),
+                          tmp / "head_scores.parquet")
+        write_json(summary, tmp / "summary.json")
+        if keep_shards:
+            (tmp / "shards").mkdir()
+            for path in plan.shard_paths:
+                os.replace(path, tmp / "shards" / path.name)
     return summary
 
 

@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Sequence
 
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from engine import config as cfg
 from engine.config import Experiment, Run
-from engine.store import RunStore, read_json, write_json
+from engine.progress import heartbeat, plain_lines
+from engine.store import RunStore, StoreError, clear_stale_temps, read_json, write_json
 
 console = Console(stderr=True)
 
@@ -59,6 +61,13 @@ def base_model_path(experiment: Experiment, show_progress: bool = True) -> str:
     return str(ensure_base_model(experiment.miniature, progress=show_progress))
 
 
+def require_done(store: RunStore, key: str, digest: str, stage: str, upstream: str) -> None:
+    """Refuses to run `stage` on an input another configuration (or nothing) produced."""
+    if not store.is_done(key, digest):
+        raise StoreError(f"{stage}: {store.root} has no {key} for this configuration; "
+                         f"run the {upstream} stage first (--stages {upstream},{stage})")
+
+
 def head_kind(experiment: Experiment, task: str) -> str:
     from tasks import get_task
 
@@ -69,42 +78,52 @@ def head_kind(experiment: Experiment, task: str) -> str:
 
 
 def build_data(experiment: Experiment, store: RunStore, runs: Sequence[Run], base_model: str) -> None:
-    from engine.data import build_task_data
     from engine.models import load_tokenizer
 
-    tokenizer = load_tokenizer(base_model, trust_remote_code=experiment.model.trust_remote_code)
-    synth = None
     todo = {}
     for run in runs:
         variant = "real" if run.variant == "base" else run.variant
         todo[(run.task, variant)] = dataclasses.replace(run, variant=variant)
     for task in experiment.tasks:  # the real task's evaluation set is always needed
         todo.setdefault((task.name, "real"), Run(task.name, "real", experiment.seeds[0]))
-    for (task_name, variant), run in sorted(todo.items(), key=lambda kv: (kv[0][0], kv[0][1] != "real", kv[0][1])):
-        key, digest = f"data/{task_name}/{variant}", cfg.data_hash(experiment, run)
-        if store.is_done(key, digest):
-            continue
-        task = experiment.task(task_name)
-        if variant in cfg.SYNTHETIC_VARIANTS and synth is None:
-            synth = make_synth(experiment, store)
-        options = cfg.task_options(task, variant)
-        sources = task.sources or bundled_sources(experiment, base_model).get(task_name, {})
-        console.print(f"[bold]data[/] {task_name}/{variant}: {task.n_train} train, target {task.target_tokens} tokens")
-        out = data_dir(store, run)
-        build_task_data(
-            task_name,
-            variant,
-            sources=sources,
-            options=options,
-            tokenizer=tokenizer,
-            target_tokens=task.target_tokens,
-            n_train=task.n_train,
-            n_eval=task.n_eval,
-            seed=experiment.seeds[0],
-            out_dir=out,
-            synth=synth if variant in cfg.SYNTHETIC_VARIANTS else None,
-        )
-        store.mark_done(key, digest, out)
+    order = [run for _, run in sorted(todo.items(), key=lambda kv: (kv[0][0], kv[0][1] != "real", kv[0][1]))]
+    order = [run for run in order if not store.is_done(f"data/{run.task}/{run.variant}", cfg.data_hash(experiment, run))]
+    if not order:
+        return
+    tokenizer = load_tokenizer(base_model, trust_remote_code=experiment.model.trust_remote_code)
+    synth = make_synth(experiment, store) if any(r.variant in cfg.SYNTHETIC_VARIANTS for r in order) else None
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=console)
+    with progress, plain_lines(progress, "data"):
+        bar = progress.add_task(f"data {len(order)} dataset(s)", total=len(order))
+        for run in order:
+            build_variant_data(experiment, store, run, tokenizer, base_model,
+                               synth if run.variant in cfg.SYNTHETIC_VARIANTS else None)
+            progress.advance(bar)
+
+
+def build_variant_data(experiment: Experiment, store: RunStore, run: Run, tokenizer, base_model: str, synth) -> None:
+    """One task x variant dataset into the run directory, recorded in the manifest."""
+    from engine.data import build_task_data
+
+    task = experiment.task(run.task)
+    sources = task.sources or bundled_sources(experiment, base_model).get(run.task, {})
+    console.print(f"[bold]data[/] {run.task}/{run.variant}: {task.n_train} train, target {task.target_tokens} tokens")
+    out = data_dir(store, run)
+    build_task_data(
+        run.task,
+        run.variant,
+        sources=sources,
+        options=cfg.task_options(task, run.variant),
+        tokenizer=tokenizer,
+        target_tokens=task.target_tokens,
+        n_train=task.n_train,
+        n_eval=task.n_eval,
+        seed=experiment.seeds[0],
+        out_dir=out,
+        synth=synth,
+    )
+    store.mark_done(f"data/{run.task}/{run.variant}", cfg.data_hash(experiment, run), out)
 
 
 def bundled_sources(experiment: Experiment, base_model: str) -> dict[str, dict[str, str]]:
@@ -132,6 +151,7 @@ def train_models(experiment: Experiment, store: RunStore, runs: Sequence[Run], b
         key, digest = f"train/{run.task}/{run.label}", cfg.train_hash(experiment, run)
         if store.is_done(key, digest):
             continue
+        require_done(store, f"data/{run.task}/{run.variant}", cfg.data_hash(experiment, run), "train", "data")
         train = cfg.train_config(experiment, run)
         data = data_dir(store, run)
         fields = {f.name for f in dataclasses.fields(TrainSpec)}
@@ -203,6 +223,12 @@ def evaluate_models(experiment: Experiment, store: RunStore, runs: Sequence[Run]
             key, digest = f"evaluate/{run.task}/{run.label}/{split}", cfg.eval_hash(experiment, run, split)
             if store.is_done(key, digest):
                 continue
+            if run.fine_tuned:
+                require_done(store, f"train/{run.task}/{run.label}", cfg.train_hash(experiment, run), "evaluate",
+                             "train")
+            data_run = Run(run.task, "real", 0) if split == "real" or not run.fine_tuned else run
+            require_done(store, f"data/{run.task}/{data_run.variant}", cfg.data_hash(experiment, data_run),
+                         "evaluate", "data")
             data = real_eval_path(store, run.task) if split == "real" else data_dir(store, run) / "val.parquet"
             out = eval_dir(store, run, split)
             jobs.append(
@@ -240,6 +266,9 @@ def run_knockouts(experiment: Experiment, store: RunStore, runs: Sequence[Run], 
         key, digest = f"knockout/{run.task}/{run.label}", knockout_hash(experiment, run)
         if store.is_done(key, digest):
             continue
+        for split in ("own", "real"):
+            require_done(store, f"evaluate/{run.task}/{run.label}/{split}", cfg.eval_hash(experiment, run, split),
+                         "knockout", "evaluate")
         out = store.path("knockout", run.task, run.label)
         console.print(f"[bold]knockout[/] {run.task}/{run.label}: k in {list(k.ks)}, {len(k.seeds)} random seeds")
         run_knockout(
@@ -269,6 +298,10 @@ def run_patchings(experiment: Experiment, store: RunStore, runs: Sequence[Run], 
         key, digest = f"patching/{run.task}/{run.label}", patching_hash(experiment, run, source)
         if store.is_done(key, digest):
             continue
+        for r in (run, source):
+            for split in ("own", "real"):
+                require_done(store, f"evaluate/{r.task}/{r.label}/{split}", cfg.eval_hash(experiment, r, split),
+                             "patching", "evaluate")
         out = store.path("patching", run.task, run.label)
         console.print(f"[bold]patching[/] {run.task}: {source.label} -> {run.label}")
         run_patching(
@@ -342,11 +375,17 @@ def init_ray() -> None:
 
 def run_experiment(experiment: Experiment, stages: Sequence[str] = cfg.STAGES) -> Path:
     store = RunStore(experiment.resolved_run_dir())
-    store.save_config(cfg.to_dict(experiment), experiment.name)
+    resolved = cfg.to_dict(experiment)
+    store.check_config(resolved, experiment.name)  # before anything is written
     runs = cfg.expand(experiment)
-    timer = StageTimer(store)
-    with timer("base_model"):
+    started = time.perf_counter()
+    with heartbeat(console, "base_model"):  # pretraining the miniature can take minutes
         base_model = base_model_path(experiment)
+    check_position_limit(experiment, base_model)
+    store.save_config(resolved, experiment.name)
+    clear_stale_temps(store.root)  # what killed runs left behind
+    timer = StageTimer(store)
+    timer.record("base_model", time.perf_counter() - started)
     if experiment.model.path == "miniature":
         meta = Path(base_model) / "miniature.json"
         write_json(read_json(meta), store.path("base_model.json"))
@@ -365,6 +404,17 @@ def run_experiment(experiment: Experiment, stages: Sequence[str] = cfg.STAGES) -
     return store.root
 
 
+def check_position_limit(experiment: Experiment, base_model: str) -> None:
+    """`model.max_context` must lie within what the model can position (see `models.position_limit`)."""
+    from engine.config import ConfigError
+    from engine.models import position_limit
+
+    limit, why = position_limit(base_model, experiment.model.rope_base, experiment.model.trust_remote_code)
+    if limit is not None and experiment.model.max_context > limit:
+        raise ConfigError(f"{experiment.source_file}: model.max_context ({experiment.model.max_context}) exceeds the "
+                          f"{limit} positions the model can reach ({why}); valid: up to {limit}")
+
+
 class StageTimer:
     """Wall seconds of each stage of this invocation, in `timings.json` (skipped stages take ~0)."""
 
@@ -372,19 +422,27 @@ class StageTimer:
         self.path = store.path("timings.json")
         self.seconds: dict[str, float] = {}
 
+    def record(self, stage: str, seconds: float) -> None:
+        self.seconds[stage] = round(seconds, 1)
+        write_json({**self.seconds, "total": round(sum(self.seconds.values()), 1)}, self.path)
+
     @contextlib.contextmanager
     def __call__(self, stage: str):
         started = time.perf_counter()
         try:
             yield
         finally:
-            self.seconds[stage] = round(time.perf_counter() - started, 1)
-            write_json({**self.seconds, "total": round(sum(self.seconds.values()), 1)}, self.path)
+            self.record(stage, time.perf_counter() - started)
 
 
 def plan(experiment: Experiment) -> list[dict]:
-    """What `run` would do: one row per grid cell and stage output, with whether it is already done."""
+    """What `run` would do: one row per grid cell and stage output, with whether it is already done.
+
+    Raises:
+        StoreError: the run directory belongs to another experiment (as `run` would refuse it).
+    """
     store = RunStore(experiment.resolved_run_dir())
+    store.check_config(cfg.to_dict(experiment), experiment.name)
     runs = cfg.expand(experiment)
     e, k = experiment.evaluate, experiment.knockout
     actor = f"actor({e.cpus_per_actor} CPU, {e.gpus_per_actor} GPU)"
@@ -413,10 +471,7 @@ def plan(experiment: Experiment) -> list[dict]:
 
 def status(run_dir: str | Path) -> dict:
     store = RunStore(run_dir)
-    if not store.path("config.yaml").exists():
-        from engine.store import StoreError
-
-        raise StoreError(f"{run_dir}: not a run directory (no config.yaml)")
+    store.read_config()  # refuses a directory that is no run directory
     manifest = store.manifest()
     by_stage: dict[str, int] = {}
     for key in manifest:

@@ -34,6 +34,8 @@ from typing import Any
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
+from engine.progress import plain_lines
+
 ACTOR_PREFIX = "needlework-pool"
 
 
@@ -269,7 +271,7 @@ def run_pool(
         return start_actor()
 
     try:
-        with progress:
+        with progress, plain_lines(progress, description):
             bar = progress.add_task(description, total=total)
             while any(s.ref is not None for s in slots):
                 refs = [s.ref for s in slots if s.ref is not None]

@@ -26,7 +26,7 @@ from engine import artifacts as a
 from engine import figures
 from engine.artifacts import ReportError  # noqa: F401  (re-exported)
 from engine.findings import COMPETENCE_F1, compute_findings, knockout_tests, task_competence
-from engine.store import write_text
+from engine.store import atomic_dir, write_text
 
 NOT_RUN = "_not run_"
 
@@ -42,7 +42,13 @@ def write_report(run_dir: str | Path, config_summary: Mapping | None = None) -> 
         The path of `report.md`.
     """
     run = Path(run_dir)
-    fig_dir = run / "report" / "figures"
+    with atomic_dir(run / "report") as out:  # report.md, findings.json and figures, all or none
+        _write_report(run, out, config_summary)
+    return run / "report" / "report.md"
+
+
+def _write_report(run: Path, out: Path, config_summary: Mapping | None) -> None:
+    fig_dir = out / "figures"
     tasks = a.tasks(run)
     findings = compute_findings(run)
     lines = [f"# needlework report: {run.name}", ""]
@@ -59,8 +65,8 @@ def write_report(run_dir: str | Path, config_summary: Mapping | None = None) -> 
     lines += ["## Findings", "", *_competence_md(task_competence(run)), *_findings_md(findings)]
     if config_summary:
         lines += ["## Configuration", "", *_md_table(["key", "value"], _flatten(config_summary))]
-    write_text(json.dumps(_json_safe(findings), indent=2), run / "report" / "findings.json")
-    return write_text("\n".join(lines) + "\n", run / "report" / "report.md")
+    write_text(json.dumps(_json_safe(findings), indent=2), out / "findings.json")
+    write_text("\n".join(lines) + "\n", out / "report.md")
 
 
 def print_summary(run_dir: str | Path, console: Console) -> None:

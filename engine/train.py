@@ -8,10 +8,13 @@ Tune trial per variant whose function builds and fits that variant's TorchTraine
 pattern for running several trainers at once), as many at a time as the cluster fits.
 
 A run checkpoints the adapter (safetensors) with the optimizer, scheduler and RNG state to
-`storage_path`; a worker that dies restarts from the latest checkpoint, and so does a
-re-run of a run that was interrupted. A finished variant has `out_dir/done.json` (written
-last) and is skipped. `out_dir` holds the adapter, `needlework_model.json` (RoPE base and
-window), `metrics.parquet` (loss, learning rate, tokens/s per step) and `summary.json`.
+`storage_path` (default `<out_dir>.checkpoints`, beside the output); a worker that dies
+restarts from the latest checkpoint, and so does a re-run of a run that was interrupted. The
+Ray Train run is named by the variant and a digest of its settings, so a changed spec never
+resumes another spec's checkpoints. A finished variant's `out_dir` is published whole, in one
+rename, and is skipped while its `done.json` records the same settings; it holds the adapter,
+`needlework_model.json` (RoPE base and window), `metrics.parquet` (loss, learning rate,
+tokens/s per step), `summary.json` and `done.json`.
 
 Example:
     >>> specs = [TrainSpec(f"mdqa/{v}", "meta-llama/Meta-Llama-3-8B-Instruct",
@@ -23,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -36,14 +40,17 @@ from pathlib import Path
 
 from ray.tune import Callback
 
+from engine.progress import plain_lines
+from engine.store import atomic_dir
+
 DONE_FILE = "done.json"
 # A Tune trial here only waits on its TorchTrainer; reserving a CPU for it would starve the
 # training workers (on 2 cores, tasks wait silently for CPUs that idle drivers hold), and
 # Ray rejects an all-zero request, so it holds a sliver of memory instead.
 TRIAL_RESOURCES = {"memory": 1024 * 1024}
 
-__all__ = ["TrainSpec", "TrainResult", "train_variant", "train_all", "train_loop_per_worker",
-           "concurrent_slots", "publish_variant"]
+__all__ = ["TrainError", "TrainSpec", "TrainResult", "train_variant", "train_all", "train_loop_per_worker",
+           "concurrent_slots", "finished", "publish_variant", "spec_digest"]
 
 
 def __getattr__(name: str):
@@ -55,6 +62,10 @@ def __getattr__(name: str):
 
         return getattr(train_worker, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class TrainError(RuntimeError):
+    """Some variants failed to train (the others are still published)."""
 
 
 @dataclass(frozen=True)
@@ -116,15 +127,41 @@ class TrainResult:
     resumed_from_step: int = 0  # > 0 when this run continued an earlier, interrupted one
 
 
+# Where a run's files go and how it is launched; none of them changes what is trained.
+_NOT_TRAINED = ("name", "out_dir", "storage_path", "ray_env")
+
+
+def _file_version(path: str | None) -> str | None:
+    # Data files are replaced whole when rebuilt, so size and modification time tell one
+    # build from another without reading gigabytes (None: not a local file).
+    try:
+        stat = os.stat(path) if path else None
+    except OSError:
+        return None
+    return f"{stat.st_size}:{stat.st_mtime_ns}" if stat else None
+
+
+def spec_digest(spec: TrainSpec) -> str:
+    """A digest of what decides what a run trains: its settings (not where it writes) and the
+    versions of its data files."""
+    fields = asdict(spec)
+    for key in _NOT_TRAINED:
+        fields.pop(key, None)
+    fields["data_versions"] = [_file_version(spec.train_path), _file_version(spec.val_path)]
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 def run_name(spec: TrainSpec) -> str:
-    """The Ray Train run name: the variant name, safe as one directory name."""
-    return re.sub(r"[^A-Za-z0-9_.@=-]", "_", spec.name.replace("/", "__"))
+    """The Ray Train run name: the variant name and its settings' digest, safe as one directory name."""
+    return re.sub(r"[^A-Za-z0-9_.@=-]", "_", spec.name.replace("/", "__")) + "-" + spec_digest(spec)
 
 
 def storage_path(spec: TrainSpec) -> str:
     if spec.storage_path:
         return spec.storage_path
-    return str((Path(spec.out_dir) / "checkpoints").resolve())
+    # Beside out_dir, not in it: out_dir is replaced whole when the run is published.
+    out = Path(spec.out_dir).resolve()
+    return str(out.parent / f"{out.name}.checkpoints")
 
 
 def read_done(out_dir: str | Path) -> dict | None:
@@ -135,6 +172,19 @@ def read_done(out_dir: str | Path) -> dict | None:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: corrupt ({err}); delete it to retrain") from err
+
+
+def finished(spec: TrainSpec) -> dict | None:
+    """done.json of `spec.out_dir` if it records a run of these settings and data, else None.
+
+    An adapter trained with other settings (another learning rate) or on other data (a
+    rebuilt dataset at the same path) is not this run's result: it is retrained, and replaced
+    when the new one is published.
+    """
+    done = read_done(spec.out_dir)
+    if done is None or done.get("spec_digest") != spec_digest(spec):
+        return None
+    return done
 
 
 def _result_from_done(spec: TrainSpec, done: dict, skipped: bool) -> TrainResult:
@@ -150,23 +200,19 @@ def _result_from_done(spec: TrainSpec, done: dict, skipped: bool) -> TrainResult
 
 
 def publish_variant(final_dir: str, out_dir: str, extra: dict | None = None) -> dict:
-    """Copies a run's final files into `out_dir`, each atomically, then writes done.json.
+    """Publishes a run's final files and done.json as `out_dir`, replacing it whole in one rename.
 
     Returns:
-        The contents of done.json: the run's summary plus `extra`.
+        The contents of done.json: the run's summary plus `extra` (which holds the spec).
     """
-    final, out = Path(final_dir), Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for source in sorted(p for p in final.iterdir() if p.is_file()):
-        tmp = out / f".{source.name}.tmp"
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, out / source.name)
     from engine.train_worker import FINAL_MARKER
 
+    final = Path(final_dir)
     done = {**json.loads((final / FINAL_MARKER).read_text()), **(extra or {})}
-    tmp = out / f".{DONE_FILE}.tmp"
-    tmp.write_text(json.dumps(done, indent=2, default=str))
-    os.replace(tmp, out / DONE_FILE)
+    with atomic_dir(out_dir) as tmp:
+        for source in sorted(p for p in final.iterdir() if p.is_file()):
+            shutil.copyfile(source, tmp / source.name)
+        (tmp / DONE_FILE).write_text(json.dumps(done, indent=2, default=str))
     return done
 
 
@@ -226,7 +272,8 @@ def _checkpoint_at(spec: TrainSpec, path: str):
 
 def _collect(spec: TrainSpec, checkpoint, seconds: float) -> TrainResult:
     with checkpoint.as_directory() as final_dir:
-        done = publish_variant(final_dir, spec.out_dir, {"seconds": seconds, "spec": asdict(spec)})
+        done = publish_variant(final_dir, spec.out_dir, {"seconds": seconds, "spec": asdict(spec),
+                                                         "spec_digest": spec_digest(spec)})
     return _result_from_done(spec, done, skipped=False)
 
 
@@ -240,7 +287,7 @@ def train_variant(spec: TrainSpec, *, callbacks: Sequence = ()) -> TrainResult:
     Raises:
         ray.train.TrainingFailedError: the run failed more than `spec.max_failures` times.
     """
-    done = read_done(spec.out_dir)
+    done = finished(spec)
     if done is not None:
         return _result_from_done(spec, done, skipped=True)
     import ray
@@ -322,7 +369,7 @@ def train_all(
         One result per spec, in the order given.
 
     Raises:
-        RuntimeError: some variants failed (the others are still published).
+        TrainError: some variants failed (the others are still published).
     """
     for key in ("name", "out_dir"):
         values = [getattr(s, key) for s in specs]
@@ -332,7 +379,7 @@ def train_all(
     results: dict[int, TrainResult] = {}
     todo: list[int] = []
     for i, spec in enumerate(specs):
-        done = read_done(spec.out_dir)
+        done = finished(spec)
         if done is None:
             todo.append(i)
         else:
@@ -382,7 +429,7 @@ def _run_trials(todo, indices, max_concurrent, show_progress, callbacks) -> dict
         checkpoint = _checkpoint_at(spec, trial.metrics["final_checkpoint"])
         results[indices[k]] = _collect(spec, checkpoint, trial.metrics["seconds"])
     if failures:
-        raise RuntimeError("training failed for " + "; ".join(failures))
+        raise TrainError("training failed for " + "; ".join(failures))
     return results
 
 
@@ -428,10 +475,13 @@ class TrainProgress(Callback):
 
     def __enter__(self):
         self.progress.start()
+        self._plain = plain_lines(self.progress, "train", fields=("loss",))  # where nobody sees the bars
+        self._plain.__enter__()
         return self
 
     def __exit__(self, *exc):
         self.refresh(force=True)
+        self._plain.__exit__(*exc)
         self.progress.stop()
 
     def refresh(self, force: bool = False) -> None:

@@ -10,6 +10,11 @@ that for one variant; `engine/train.py` launches it on Ray Train.
 state, the HF Trainer checkpoint of a PEFT model); called directly it trains in-process and
 writes the variant's `out_dir` itself.
 
+Resuming reads the checkpoint's optimizer, scheduler and RNG state, which are pickles: the HF
+Trainer loads them with `torch.load(weights_only=True)`, so a tampered file fails instead of
+running code (tested). Under DeepSpeed, DeepSpeed's own loader reads its ZeRO state with
+`weights_only=False`; those files are this run's own, written by it into its `storage_path`.
+
 Example (no Ray, a saved tiny model and a Parquet file of prompt/target rows):
     >>> from engine.train import TrainSpec
     >>> spec = TrainSpec("toy/hh", "tiny/llama", "train.parquet", None, "out/toy/hh", max_length=128)
@@ -31,6 +36,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from transformers import TrainerCallback
+
+from engine.store import write_parquet
 
 IGNORE_INDEX = -100  # labels the loss skips: every prompt token and all padding
 HF_CHECKPOINT = "checkpoint"  # RayTrainReportCallback.CHECKPOINT_NAME
@@ -172,10 +179,7 @@ def write_metrics(log_history: list[dict], path: str | Path) -> None:
     rows = [e for e in log_history if "loss" in e and "step" in e]
     columns = {name: [r.get(name) for r in rows] for name in METRIC_COLUMNS}
     table = pa.table({name: pa.array(columns[name], type=kind) for name, kind in METRIC_COLUMNS.items()})
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    write_parquet(table, path)
 
 
 def _in_ray_train() -> bool:
@@ -288,7 +292,7 @@ def train_loop_per_worker(config: dict) -> None:
                 "finished_at": time.time(),
             }
             (final / FINAL_MARKER).write_text(json.dumps(summary, indent=2))
-        _publish_final(final, rank, in_ray, spec.out_dir)
+        _publish_final(final, rank, in_ray, spec.out_dir, config["spec"])
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -316,7 +320,7 @@ def _fit(trainer, in_ray: bool) -> int | None:
         return int(state["global_step"])
 
 
-def _publish_final(final: Path, rank: int, in_ray: bool, out_dir: str) -> None:
+def _publish_final(final: Path, rank: int, in_ray: bool, out_dir: str, spec: dict) -> None:
     if in_ray:
         import ray.train
 
@@ -324,6 +328,6 @@ def _publish_final(final: Path, rank: int, in_ray: bool, out_dir: str) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(str(final)) if rank == 0 else None
         ray.train.report({"final": 1}, checkpoint=checkpoint, checkpoint_dir_name="final")
         return
-    from engine.train import publish_variant
+    from engine.train import TrainSpec, publish_variant, spec_digest
 
-    publish_variant(str(final), out_dir)
+    publish_variant(str(final), out_dir, {"spec": spec, "spec_digest": spec_digest(TrainSpec(**spec))})

@@ -35,6 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from engine.store import write_json  # noqa: E402
+
 NQ = ROOT / "data/nq-open-oracle.jsonl.gz"
 GOAL_SECONDS = 60.0
 GOAL_EXAMPLES = 1400
@@ -221,9 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out)
+    write_json(result, out)
     return result
 
 

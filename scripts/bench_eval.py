@@ -18,7 +18,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import shutil
@@ -30,6 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+
+from engine.store import write_json  # noqa: E402
 
 MODEL = dict(num_hidden_layers=4, hidden_size=256, intermediate_size=512, num_attention_heads=8,
              num_key_value_heads=2, max_position_embeddings=2048)
@@ -203,9 +204,7 @@ def main() -> None:
                   f"same work in 2 plain processes over 1: {', '.join(f'{c:.2f}' for c in result['bare_two_over_one'])}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out)
+    write_json(result, out)
 
 
 if __name__ == "__main__":

@@ -24,12 +24,13 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from engine.store import write_json  # noqa: E402
 
 LENGTHS = (1024, 2048, 4096, 8192)
 TIMING_MODEL = dict(num_hidden_layers=4, hidden_size=512, intermediate_size=1024, num_attention_heads=8,
@@ -182,13 +183,6 @@ def measure_memory(mode: str, new_tokens: int) -> list[dict]:
     return rows
 
 
-def write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as tmp:
-        json.dump(payload, tmp, indent=2)
-    os.replace(tmp.name, path)
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="JSON file to write")
@@ -230,7 +224,7 @@ def main(argv=None) -> dict:
                    "method": "peak RSS (VmHWM, reset via /proc/self/clear_refs) minus RSS before the pass, "
                              "fresh subprocess per length, MALLOC_MMAP_THRESHOLD_=65536"},
     }
-    write_json(args.out, result)
+    write_json(result, args.out)
 
     table = Table(title="inline head scoring")
     for column in ("metric", "value", "goal", "detail"):

@@ -33,6 +33,7 @@ from engine.miniature.checks import answer_accuracy
 from engine.miniature.corpus import task_examples
 from engine.miniature.pretrain import pretrain
 from engine.models import load_tokenizer
+from engine.store import write_json
 
 
 def parse_spec(overrides: list[str]) -> MiniatureSpec:
@@ -222,12 +223,6 @@ def print_measurements(spec: MiniatureSpec, retrieval: list[dict], measured: dic
     for base, by_length in measured["copy_lora_extension"].items():
         print(f"copy accuracy after {measured['copy_lora_steps']} copy-LoRA steps at RoPE base {base:g}: "
               + ", ".join(f"{n}: {a:.2f}" for n, a in by_length.items()))
-
-
-def write_json(result: dict, out: str) -> None:
-    tmp_out = Path(f"{out}.tmp")
-    tmp_out.write_text(json.dumps(result, indent=2))
-    os.replace(tmp_out, out)
 
 
 def measure_only(model_dir: Path, bases: list[float], args) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import random
@@ -38,6 +37,7 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from engine.store import write_json  # noqa: E402
 from engine.train import TrainSpec, concurrent_slots, train_all, train_loop_per_worker  # noqa: E402
 from tasks.example import Example, Span, to_table  # noqa: E402
 
@@ -130,9 +130,7 @@ def main() -> None:
     for key, value in results.items():
         table.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
     console.print(table)
-    tmp = Path(args.out).with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, args.out)
+    write_json(results, args.out)
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import zlib
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -56,8 +57,14 @@ def _open(path: Path):
     return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
 
 
+# What a truncated or corrupt file raises while it is read: gzip's EOFError (a cut download)
+# and zlib.error (damaged data) name no file, so they are turned into a DataError that does.
+_UNREADABLE = (gzip.BadGzipFile, zlib.error, EOFError, UnicodeDecodeError)
+
+
 def read_jsonl(path: Path, required: Sequence[str], what: str) -> Iterator[tuple[int, dict]]:
     """(line number, record) of a JSON-lines file, optionally gzipped; checks required keys."""
+    lineno = 0
     try:
         with _open(path) as f:
             for lineno, line in enumerate(f, 1):
@@ -73,8 +80,12 @@ def read_jsonl(path: Path, required: Sequence[str], what: str) -> Iterator[tuple
                 if missing:
                     raise DataError(f"{path}:{lineno}: {what} lacks key(s) {missing}; expected keys {list(required)}")
                 yield lineno, rec
-    except (gzip.BadGzipFile, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not a readable JSON-lines file ({e}); expected {what} records") from None
+    except _UNREADABLE as e:
+        where = f" after line {lineno}" if lineno else ""
+        raise DataError(f"{path}: truncated or not a readable JSON-lines file{where} "
+                        f"({type(e).__name__}: {e}); expected {what} records") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a directory; expected a JSON-lines file of {what} records") from None
 
 
 def read_json(path: Path, what: str):
@@ -83,6 +94,9 @@ def read_json(path: Path, what: str):
             return json.load(f)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg}); expected {what}") from None
+    except _UNREADABLE as e:
+        raise DataError(f"{path}: truncated or not a readable JSON file ({type(e).__name__}: {e}); "
+                        f"expected {what}") from None
 
 
 def in_eval_partition(key: str, seed: int = 0) -> bool:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from tasks.build import DataError
+
 SIMILARITIES = ("cosine", "dot")
 
 
@@ -64,7 +66,11 @@ def rank_dense(queries: list[str], corpus: list[str], k: int, model_path: str, b
     tok = AutoTokenizer.from_pretrained(model_path, revision=revision)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModel.from_pretrained(model_path, revision=revision, use_safetensors=True).eval()
+    try:  # safetensors only: a pickle checkpoint could run code while it loads
+        model = AutoModel.from_pretrained(model_path, revision=revision, use_safetensors=True).eval()
+    except OSError as err:
+        raise DataError(f"dense_model {model_path}: cannot load a safetensors encoder: "
+                        f"{str(err).splitlines()[0]}") from None
     # Truncate to what the encoder can position (a tokenizer saved without a limit says ~1e30).
     limits = [max_length, getattr(model.config, "max_position_embeddings", max_length)]
     if tok.model_max_length and tok.model_max_length < 1_000_000:

@@ -27,6 +27,19 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="session")
+def needlework_cache(tmp_path_factory):
+    """A cache shared by the session's pipeline tests, so an equal miniature is pretrained once."""
+    cache = tmp_path_factory.mktemp("needlework_cache")
+    old = os.environ.get("NEEDLEWORK_CACHE")
+    os.environ["NEEDLEWORK_CACHE"] = str(cache)
+    yield cache
+    if old is None:
+        os.environ.pop("NEEDLEWORK_CACHE", None)
+    else:
+        os.environ["NEEDLEWORK_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory):
     """Local checkpoints of the three tiny families, saved once per session."""
     from tiny import FAMILIES, save_tiny

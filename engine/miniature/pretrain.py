@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from .checks import format_table, retrieval_accuracy, summary
+from .checks import retrieval_accuracy, summary
 from .corpus import PretrainingMix, encode_qa, prompt_words, task_examples
 from .sources import SourceSizes, render_sources, write_atomic
 from .tokenizer import build_tokenizer, vocabulary
@@ -192,6 +192,25 @@ def ensure_base_model(spec: MiniatureSpec | None = None, cache_dir: Path | None 
     return final
 
 
+def clear_stale_builds(cache_dir: Path) -> None:
+    """Removes the `.tmp-<hash>-<pid>` build directories of pretrainings whose process is gone.
+
+    A killed pretraining never reaches its own cleanup, and a later run only clears its own
+    pid's directory, so without this each kill would leave a partial model behind for good.
+    A directory whose process still runs (a concurrent pretraining of another spec) is kept.
+    """
+    for entry in cache_dir.glob(".tmp-*-*"):
+        pid = entry.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry, ignore_errors=True)
+        except PermissionError:  # alive, owned by another user
+            pass
+
+
 def publish_pretrained(spec: MiniatureSpec, final: Path, progress: bool = True) -> dict:
     """Pretrains `spec` and moves the result to `final` in one rename.
 
@@ -202,6 +221,7 @@ def publish_pretrained(spec: MiniatureSpec, final: Path, progress: bool = True) 
     """
     work = final.parent / f".work-{final.name}"
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    clear_stale_builds(final.parent)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         meta = pretrain(spec, tmp, progress=progress, work_dir=work)

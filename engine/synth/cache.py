@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from engine.store import write_parquet
 
 SCHEMA = pa.schema([("key", pa.string()), ("text", pa.string()), ("model", pa.string())])
 KEY_VERSION = 1  # bump when the meaning of a key changes
@@ -68,13 +68,6 @@ class GenerationCache:
             {"key": keys, "text": [new[k] for k in keys], "model": [model] * len(keys)}, schema=SCHEMA
         )
         path = self.root / name
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=".parquet")
-        os.close(fd)
-        try:
-            pq.write_table(table, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_parquet(table, path)
         self._texts.update(new)
         return path

@@ -51,7 +51,8 @@ class HFGenerator:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "left"  # decoder-only batches pad on the left
         dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
-        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(self.device).eval()
+        # safetensors only: a pickle checkpoint could run code while it loads
+        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, use_safetensors=True).to(self.device).eval()
         self.max_tokens = max_tokens
         self.temperature = temperature
         self.top_p = top_p

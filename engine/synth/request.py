@@ -24,13 +24,13 @@ Example:
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from engine.store import write_parquet
 
 REQUEST_SCHEMA = pa.schema(
     [
@@ -109,10 +109,7 @@ def write_requests(path, requests: list[SynthRequest]) -> None:
         },
         schema=REQUEST_SCHEMA,
     )
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".parquet")
-    os.close(fd)
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    write_parquet(table, path)
 
 
 def read_requests(path) -> list[SynthRequest]:

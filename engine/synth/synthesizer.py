@@ -18,17 +18,16 @@ Example:
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
+from engine.progress import plain_lines
+from engine.store import write_parquet
 from engine.synth.backend import Backend, SynthError, make_backend
 from engine.synth.cache import GenerationCache, generation_key
 from engine.synth.config import SynthConfig
@@ -147,7 +146,7 @@ class Synthesizer:
         with Progress(
             TextColumn("[bold]synth[/] {task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
             TimeElapsedColumn(), disable=not self.show_progress, transient=False,
-        ) as progress:
+        ) as progress, plain_lines(progress, "synth"):
             bar = progress.add_task(f"{self.config.backend} try 1", total=len(requests))
             for attempt in range(self._tries()):
                 if not pending:
@@ -233,8 +232,4 @@ def run_synth(
 
 def _write_texts(path: Path, requests: list[SynthRequest], texts: list[str]) -> None:
     table = pa.table({"kind": [r.kind for r in requests], "seed": [r.seed for r in requests], "text": texts})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".parquet")
-    os.close(fd)
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    write_parquet(table, path)

@@ -108,9 +108,87 @@ def test_hashes_stable_across_processes_and_sensitive_to_inputs(tmp_path):
     ],
 )
 def test_bad_yaml_gives_one_clear_error(tmp_path, patch, message):
-    path = write(tmp_path, YAML + patch + "\n")
+    section = patch.split(":")[0] + ":"  # the patch replaces that section (a repeated key is an error)
+    base = "\n".join(line for line in YAML.splitlines() if not line.startswith(section))
+    path = write(tmp_path, base + "\n" + patch + "\n")
     with pytest.raises(ConfigError, match=message):
         load_experiment(path)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("tasks.mdqa.n_train=-3", r"exp.yaml: tasks.mdqa.n_train: -3 is out of range; valid: >= 1$"),
+        ("tasks.mdqa.target_tokens=-5", r"exp.yaml: tasks.mdqa.target_tokens: -5 is out of range; valid: >= 1$"),
+        ("tasks.mdqa.n_eval=0", r"tasks.mdqa.n_eval: 0 is out of range; valid: >= 1$"),
+        ("train.lr=nan", r"exp.yaml: train.lr: nan is not a finite number$"),
+        ("train.lr=-1", r"exp.yaml: train.lr: -1.0 is out of range; valid: > 0$"),
+        ("train.batch_size=0", r"train.batch_size: 0 is out of range; valid: >= 1$"),
+        ("train.epochs=-1", r"train.epochs: -1.0 is out of range; valid: >= 0$"),
+        ("train.warmup_ratio=1", r"train.warmup_ratio: 1.0 is out of range; valid: >= 0 and < 1$"),
+        ("train.lora_target=everything", r"train.lora_target: 'everything' is not a valid choice; valid: attention, all$"),
+        ("model.dtype=float33", r"model.dtype: 'float33' is not a valid choice \(did you mean 'float32'\?\); "
+                                r"valid: auto, float32, float16, bfloat16$"),
+        ("tasks.mdqa.head_kind=nope", r"tasks.mdqa.head_kind: 'nope' is not a valid choice; valid: retrieval, insight$"),
+        ("knockout.variants=[real, nope]", r"knockout.variants\[1\]: 'nope' is not a valid choice; valid: real, "
+                                           r"real_limited, hh, hl, lh, ll, symbolic, base$"),
+        ("knockout.ks=[0, -2]", r"knockout.ks\[1\]: -2 is out of range; valid: >= 0$"),
+        ("patching.source=nope", r"patching.source: 'nope' is not a valid choice; valid: real, real_limited"),
+        ("evaluate.shard_size=0", r"evaluate.shard_size: 0 is out of range; valid: >= 1$"),
+        ("seeds=[]", r"exp.yaml: seeds: must not be empty$"),
+        ("synth.backend=nope", r"exp.yaml: synth.backend 'nope' is not one of template, hf, http, vllm$"),
+        ("synth.top_p=2", r"exp.yaml: synth: need max_retries >= 0, timeout_s > 0, temperature >= 0, 0 < top_p <= 1$"),
+        ("miniature.on_failed_check=ignore", r"exp.yaml: miniature.on_failed_check: 'ignore'; choose 'raise' or 'warn'$"),
+        ("train.max_steps=-1", r"exp.yaml: train: epochs and max_steps: set epochs > 0 or max_steps > 0$"),
+        ("sweep={train.lr: [1.0e-4, .nan]}", r"exp.yaml: sweep.train.lr\[1\]: nan is not a finite number$"),
+        ("sweep={train.lora_rank: [4, 0]}", r"exp.yaml: sweep.train.lora_rank\[1\]: 0 is out of range; valid: >= 1$"),
+        ("tasks.mdqa.sources.trian=x.jsonl", r"tasks.mdqa.sources: unknown source 'trian' \(did you mean 'train'\?\); "
+                                             r"valid: train, eval, pool$"),
+    ],
+)
+def test_values_no_run_can_use_are_refused_at_load_time(tmp_path, override, message):
+    text = YAML.replace("train: {lr: 1.0e-4, max_steps: 5}", "train: {lr: 1.0e-4, epochs: 0, max_steps: 5}")
+    if override.startswith("miniature"):
+        text = text.replace("path: /models/tiny", "path: miniature")
+    with pytest.raises(ConfigError, match=message):
+        load_experiment(write(tmp_path, text), overrides=[override])
+
+
+def test_source_files_must_exist(tmp_path, monkeypatch):
+    present = tmp_path / "nq.jsonl.gz"
+    present.write_text("")
+    path = write(tmp_path, YAML)
+    exp = load_experiment(path, overrides=[f"tasks.mdqa.sources.train={present}"])
+    assert exp.task("mdqa").sources == {"train": str(present)}
+    with pytest.raises(ConfigError, match=rf"exp.yaml: tasks.mdqa.sources.eval: {tmp_path}/gone.jsonl does not exist$"):
+        load_experiment(path, overrides=[f"tasks.mdqa.sources.eval={tmp_path}/gone.jsonl"])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=rf"tasks.mdqa.sources.pool: data/x.jsonl does not exist \(relative to {tmp_path}\)"):
+        load_experiment(path, overrides=["tasks.mdqa.sources.pool=data/x.jsonl"])
+    assert load_experiment(path, overrides=["tasks.mdqa.sources.pool=data/x.jsonl"], check_sources=False)
+
+
+def test_duplicate_keys_name_the_key_and_both_lines(tmp_path):
+    text = YAML + "tasks:\n  summhay: {n_train: 5}\n"
+    first = next(i for i, line in enumerate(textwrap.dedent(YAML).splitlines(), 1) if line.startswith("tasks:"))
+    second = len(textwrap.dedent(YAML).splitlines()) + 1
+    with pytest.raises(ConfigError, match=rf"exp.yaml:{second}: duplicate key 'tasks' \(first at line {first}\)"):
+        load_experiment(write(tmp_path, text))
+    nested = YAML.replace("    n_train: 20\n", "    n_train: 20\n    n_train: 30\n")
+    with pytest.raises(ConfigError, match=r"exp.yaml:9: duplicate key 'n_train' \(first at line 8\)"):
+        load_experiment(write(tmp_path, nested))
+
+
+def test_unreadable_experiment_files(tmp_path):
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(ConfigError, match=r"adir: is a directory; expected the experiment file$"):
+        load_experiment(tmp_path / "adir")
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"name: \xff\xfe\n")
+    with pytest.raises(ConfigError, match=r"bin.yaml: not a UTF-8 text file \(byte 6: invalid start byte\)$"):
+        load_experiment(binary)
+    with pytest.raises(ConfigError, match=r"exp.yaml: not valid YAML: .* \(line 2, column 1\)$"):
+        load_experiment(write(tmp_path, "a: [1, 2\n"))
 
 
 def test_unknown_task_and_variant_list_valid_choices(tmp_path):
@@ -134,13 +212,24 @@ def test_missing_and_malformed_files(tmp_path):
         load_experiment(write(tmp_path, YAML.replace("path: /models/tiny, ", "")))
 
 
-def test_every_shipped_experiment_validates():
+def test_every_shipped_experiment_validates(tmp_path, monkeypatch):
     root = Path(__file__).parents[2] / "experiments"
     files = sorted(root.rglob("*.yaml"))
     assert files, "no experiments shipped"
     for path in files:
-        exp = load_experiment(path)
-        assert expand(exp)
+        # the paper's experiments name their data relative to the working directory
+        (tmp_path / path.stem).mkdir()
+        monkeypatch.chdir(tmp_path / path.stem)
+        sources = [(t, k, v) for t, body in yaml.safe_load(path.read_text())["tasks"].items()
+                   for k, v in (body or {}).get("sources", {}).items()]
+        if sources:
+            task, key, value = sources[0]
+            with pytest.raises(ConfigError, match=rf"tasks\.{task}\.sources\.{key}: {value} does not exist"):
+                load_experiment(path)
+        for _, _, value in sources:
+            Path(value).parent.mkdir(parents=True, exist_ok=True)
+            Path(value).touch()
+        assert expand(load_experiment(path))
 
 
 def test_variant_options_touch_only_that_variant(tmp_path):

@@ -57,3 +57,47 @@ def test_empty_dataset_is_one_clear_error_and_writes_nothing(tmp_path):
                         options={}, tokenizer=char_tokenizer(), target_tokens=200, n_train=4, n_eval=2, seed=0,
                         out_dir=out)
     assert not list(out.glob("*.parquet"))
+
+
+def test_drop_reasons_are_whole_at_any_width_and_per_build(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from tiny import char_tokenizer
+
+    out = tmp_path / "mdqa" / "real"
+    sources = {"train": str(FIXTURES / "mdqa_sample.jsonl"), "eval": str(FIXTURES / "mdqa_sample.jsonl"),
+               "pool": str(NQ)}
+    stats = build_task_data("mdqa", "real", sources=sources, options={}, tokenizer=char_tokenizer(),
+                            target_tokens=1500, n_train=10, n_eval=5, seed=0, out_dir=out)
+    reasons = {build: sorted(r.items()) for build, r in stats["dropped"].items()}
+    assert reasons["train"] and set(reasons) == {"train", "eval"}
+    splits, dropped = render_stats(stats).renderables
+    assert [c.header for c in splits.columns][-1] == "needle depth deciles"  # no drop counts on split rows
+    rows = list(zip(*(c._cells for c in dropped.columns)))
+    want = [("train + val", reason, str(n)) for reason, n in reasons["train"]]
+    want += [("eval", reason, str(n)) for reason, n in reasons["eval"]] or [("eval", "none", "0")]
+    assert rows == want
+    for width in (80, 60):
+        console = Console(file=io.StringIO(), width=width)
+        console.print(dropped)
+        text = console.file.getvalue()
+        assert "…" not in text
+        for reason, _ in reasons["train"]:
+            assert reason in text, (width, text)
+
+
+def test_a_failed_build_leaves_the_previous_dataset_untouched(tmp_path):
+    from tasks.build import DataError
+    from tiny import char_tokenizer
+
+    out = tmp_path / "ll"
+    build_task_data("musique", "ll", sources={}, options={}, tokenizer=char_tokenizer(), target_tokens=800,
+                    n_train=10, n_eval=0, seed=0, out_dir=out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(DataError, match="the train split is empty"):
+        build_task_data("musique", "ll", sources={}, options={}, tokenizer=char_tokenizer(), target_tokens=5,
+                        n_train=10, n_eval=0, seed=0, out_dir=out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ll"]

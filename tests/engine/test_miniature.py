@@ -597,6 +597,54 @@ def test_an_interrupted_pretraining_resumes_from_its_checkpoint(tmp_path, monkey
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+KILLED_PRETRAINING = """
+import os, sys, time
+from pathlib import Path
+from engine.miniature import pretrain as p
+from test_miniature import TINY
+
+def stand_in(spec, out, **kwargs):
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "model.safetensors").write_bytes(b"half")
+    (Path(sys.argv[1]) / "started").write_text(str(os.getpid()))
+    time.sleep(600)  # killed here
+
+p.pretrain = stand_in
+p.ensure_base_model(TINY, cache_dir=Path(sys.argv[1]), progress=False)
+"""
+
+
+def test_killed_pretraining_leaves_nothing_after_the_next_run(tmp_path, monkeypatch):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    tests = Path(__file__).parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests), str(tests / "engine")])}
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_PRETRAINING, str(tmp_path)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300  # a hang guard: the loop ends when the stand-in has started
+    while time.time() < deadline and proc.poll() is None and not (tmp_path / "started").exists():
+        time.sleep(0.1)
+    assert (tmp_path / "started").exists(), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else ""
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(60)
+    stale = tmp_path / f".tmp-{spec_hash(TINY)}-{proc.pid}"
+    assert (stale / "model.safetensors").exists()  # the kill left its build directory
+    live = tmp_path / f".tmp-0123456789abcdef-{os.getppid()}"  # a build of a process still running
+    live.mkdir()
+
+    monkeypatch.setattr(pretrain_module, "pretrain",
+                        lambda spec, out, **k: (out.mkdir(parents=True, exist_ok=True),
+                                                (out / "miniature.json").write_text("{}")))
+    path = ensure_base_model(TINY, cache_dir=tmp_path, progress=False)
+    assert (path / "miniature.json").exists() and not stale.exists() and live.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == sorted(
+        [path.name, live.name, "started"])
+
+
 def test_cache_dir_follows_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("NEEDLEWORK_CACHE", str(tmp_path))
     assert pretrain_module.default_cache_dir() == tmp_path / "miniature"

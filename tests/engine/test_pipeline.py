@@ -55,19 +55,7 @@ def write_experiment(tmp: Path, run_dir: Path, limited: bool = True) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cache_env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    old = os.environ.get("NEEDLEWORK_CACHE")
-    os.environ["NEEDLEWORK_CACHE"] = str(cache)
-    yield cache
-    if old is None:
-        os.environ.pop("NEEDLEWORK_CACHE", None)
-    else:
-        os.environ["NEEDLEWORK_CACHE"] = old
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, cache_env, ray_cluster):
+def finished_run(tmp_path_factory, needlework_cache, ray_cluster):
     tmp = tmp_path_factory.mktemp("pipeline")
     path = write_experiment(tmp, tmp / "run")
     report = run_experiment(load_experiment(path))
@@ -154,12 +142,16 @@ def test_rerun_runs_nothing_and_plan_says_done(finished_run):
 def test_changing_one_variant_reruns_only_what_depends_on_it(finished_run):
     path, run_dir, _ = finished_run
     before = manifest_times(run_dir)
+    adapters = {v: (run_dir / "models/mdqa" / v / "adapter_model.safetensors").read_bytes() for v in ("real", "hl")}
     exp = load_experiment(path, overrides=["tasks.mdqa.variant_options.hl.filler=The sky is blue."])
     run_experiment(exp)
     after = manifest_times(run_dir)
     rerun = {k for k in after if after[k] != before.get(k)}
     assert rerun == {"data/mdqa/hl", "train/mdqa/hl", "evaluate/mdqa/hl/real", "evaluate/mdqa/hl/own",
                      "patching/mdqa/hl"}
+    # hl was really trained again on its new data (its old adapter was once kept and recorded as new)
+    assert (run_dir / "models/mdqa/hl/adapter_model.safetensors").read_bytes() != adapters["hl"]
+    assert (run_dir / "models/mdqa/real/adapter_model.safetensors").read_bytes() == adapters["real"]
 
 
 def test_killed_driver_resumes_to_the_same_results(finished_run, tmp_path):
@@ -171,7 +163,7 @@ def test_killed_driver_resumes_to_the_same_results(finished_run, tmp_path):
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     manifest = run_dir / "manifest.json"
-    deadline = time.time() + 300
+    deadline = time.time() + 900  # a hang guard: the loop ends as soon as training is recorded
     while time.time() < deadline and proc.poll() is None:
         if manifest.exists() and any(k.startswith("train/") for k in RunStore(run_dir).manifest()):
             break

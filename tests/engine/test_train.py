@@ -28,7 +28,7 @@ from tiny import char_tokenizer
 # Callbacks below travel to Ray workers, which cannot import this test module by name.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-RAY_TIMEOUT = 240  # seconds for one Ray Train run on 2 shared cores
+RAY_TIMEOUT = 900  # a hang guard for one Ray Train run on 2 busy shared cores, not a timing target
 PROBE_IDS = char_tokenizer()("key abcd value dcba. key abcd? ")["input_ids"]  # workers lack tests/tiny.py
 
 
@@ -101,7 +101,7 @@ class KillOnce(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == self.step and not os.path.exists(self.marker):
-            deadline = time.time() + 60
+            deadline = time.time() + 600
             while not os.path.exists(self.committed) and time.time() < deadline:
                 time.sleep(0.2)
             Path(self.marker).write_text(str(os.getpid()))
@@ -204,6 +204,27 @@ def test_estimated_work_orders_runs_by_text_read(tmp_path):
     assert estimated_work(spec_for("m", str(tmp_path / "missing.parquet"), tmp_path / "d")) == 0.0
 
 
+def test_a_published_run_counts_as_done_only_for_its_settings_and_data(tmp_path):
+    from engine.train import finished, publish_variant, spec_digest
+
+    data = tmp_path / "train.parquet"
+    pq.write_table(to_table(make_examples(4)), data)
+    spec = spec_for("m", str(data), tmp_path / "out")
+    final = tmp_path / "final"
+    final.mkdir()
+    (final / "summary.json").write_text(json.dumps({"steps": 4, "final_loss": 1.0}))
+    (final / "adapter_model.safetensors").write_bytes(b"weights")
+    publish_variant(str(final), spec.out_dir, {"spec": dataclasses.asdict(spec), "spec_digest": spec_digest(spec)})
+    assert finished(spec)["steps"] == 4
+    # where it writes and how it is launched do not change what it trains
+    assert finished(dataclasses.replace(spec, ray_env={"X": "1"}, storage_path=str(tmp_path / "s"))) is not None
+    assert finished(dataclasses.replace(spec, lr=1e-3)) is None
+    time.sleep(0.01)
+    pq.write_table(to_table(make_examples(4, seed=1)), data)  # the dataset was rebuilt at the same path
+    assert finished(spec) is None
+    assert run_name(spec) != run_name(dataclasses.replace(spec, lr=1e-3))  # another spec, other checkpoints
+
+
 # --- one worker in-process, no Ray ----------------------------------------------------------
 
 
@@ -220,6 +241,52 @@ def test_plain_function_trains_adapter_with_raised_rope_base(tiny_checkpoints, t
     assert rope_base_of(trained) == 40_000.0 and trained.config.sliding_window == 24
     saved = torch.load(tmp_path / "snap.pt")
     torch.testing.assert_close(probe_logits(trained), saved["logits"], atol=1e-4, rtol=1e-4)
+
+
+class Payload:
+    """A pickle that creates `marker` when it is unpickled: what a tampered checkpoint could hold."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.makedirs, (self.marker,))
+
+
+def test_resuming_reads_the_checkpoints_pickles_with_weights_only(tiny_checkpoints, train_parquet, tmp_path):
+    """The optimizer, scheduler and RNG state a resume reads are .pt pickles; the HF Trainer loads
+    them with torch.load(weights_only=True), so a tampered file fails instead of running code."""
+    import pickle
+
+    from transformers import DataCollatorForSeq2Seq, Trainer
+
+    from engine.models import add_lora
+    from engine.train_worker import training_arguments
+
+    base = tiny_checkpoints["llama"]
+    spec = spec_for(base, train_parquet, tmp_path / "out", max_steps=2, save_steps=1)
+    tokenizer = load_tokenizer(base)
+    tokenizer.padding_side = "right"
+    data = load_examples(train_parquet, tokenizer, spec.max_length)
+
+    def trainer() -> Trainer:
+        torch.manual_seed(0)
+        return Trainer(model=add_lora(load_model(base), rank=2, alpha=2),
+                       args=training_arguments(spec, str(tmp_path / "scratch"), on_gpu=False), train_dataset=data,
+                       data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX),
+                       processing_class=tokenizer)
+
+    trainer().train()
+    (checkpoint,) = (tmp_path / "scratch").glob("checkpoint-*")
+    assert {"optimizer.pt", "scheduler.pt", "rng_state.pth"} <= {p.name for p in checkpoint.iterdir()}
+    marker = tmp_path / "code-ran"
+    for name in ("optimizer.pt", "rng_state.pth"):
+        original = (checkpoint / name).read_bytes()
+        torch.save({"state": Payload(str(marker))}, checkpoint / name)
+        with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+            trainer().train(resume_from_checkpoint=str(checkpoint))
+        assert not marker.exists()
+        (checkpoint / name).write_bytes(original)
 
 
 # --- Ray Train ------------------------------------------------------------------------------
@@ -246,7 +313,7 @@ def test_two_worker_run_trains_only_the_adapter(ray_cluster, tiny_checkpoints, t
     torch.testing.assert_close(reloaded, snap["logits"], atol=1e-4, rtol=1e-4)
     assert not torch.allclose(probe_logits(load_model(base)), snap["logits"], atol=1e-2)
 
-    again = within(60, train_variant, spec)
+    again = within(RAY_TIMEOUT, train_variant, spec)
     assert again.skipped and again.steps == 24 and again.final_loss == result.final_loss
 
 
@@ -257,7 +324,9 @@ def test_three_variants_run_concurrently(ray_cluster, tiny_checkpoints, train_pa
                       cpus_per_worker=0.5, rope_base=20_000.0 * (i + 1),
                       ray_env={"NEEDLEWORK_TEST_RUN": f, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": 0.5})
              for i, f in enumerate(("llama", "mistral", "qwen2"))]
-    results = within(RAY_TIMEOUT, train_all, specs, show_progress=False,
+    # max_concurrent=3, not the slots free right now: an actor of an earlier test may still hold
+    # a CPU for a moment, and two slots would leave two runs waiting for a third that never starts.
+    results = within(RAY_TIMEOUT, train_all, specs, show_progress=False, max_concurrent=3,
                      callbacks=[WaitForPeers(str(peers), n=3)])
 
     assert [r.name for r in results] == ["toy/llama", "toy/mistral", "toy/qwen2"]
@@ -273,7 +342,7 @@ def test_three_variants_run_concurrently(ray_cluster, tiny_checkpoints, train_pa
     assert sorted(s["NEEDLEWORK_TEST_RUN"] for s in seen) == ["llama", "mistral", "qwen2"]
     assert all(s["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.5" for s in seen)
     assert "NEEDLEWORK_TEST_RUN" not in os.environ
-    assert all(r.skipped for r in within(60, train_all, specs, show_progress=False))
+    assert all(r.skipped for r in within(RAY_TIMEOUT, train_all, specs, show_progress=False))
 
 
 def test_killed_worker_resumes_from_checkpoint(ray_cluster, tiny_checkpoints, train_parquet, tmp_path):

@@ -136,6 +136,23 @@ def test_mdqa_dense_options_are_checked(tmp_path, char_tok):
                        split="train")
 
 
+def test_dense_encoder_loads_safetensors_only(dense_model, tmp_path):
+    """An encoder that ships only a pickle (pytorch_model.bin) is refused, not unpickled."""
+    import shutil
+
+    from transformers import BertModel
+
+    from tasks.build import DataError
+
+    pickled = tmp_path / "encoder"
+    shutil.copytree(dense_model, pickled)
+    model = BertModel.from_pretrained(dense_model)
+    (pickled / "model.safetensors").unlink()
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")
+    with pytest.raises(DataError, match=rf"dense_model {pickled}: cannot load a safetensors encoder"):
+        rank_dense(["alpha"], ["alpha beta."], k=1, model_path=str(pickled))
+
+
 def test_contains_answer_is_whole_token():
     text = normalize_answer("Vitamin S is rare, says the U.S. report on buses.")
     assert contains_answer(text, [normalize_answer("S")])

@@ -124,3 +124,15 @@ def test_hf_synthesizer_validates_retries_and_caches(ray_cluster, tiny_llama, tm
 class _Forbidden:
     def complete(self, chats, seeds):
         raise AssertionError("backend called although every generation is cached")
+
+
+def test_hf_generator_loads_safetensors_only(tmp_path):
+    """A checkpoint that ships only a pickle (pytorch_model.bin) is refused, not unpickled."""
+    from tiny import char_tokenizer, tiny_model
+
+    model = tiny_model("llama")
+    model.config.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    char_tokenizer().save_pretrained(tmp_path)
+    with pytest.raises(OSError, match="safetensors"):
+        HFGenerator(str(tmp_path), max_tokens=4, temperature=0.0, top_p=1.0)
