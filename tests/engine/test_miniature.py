@@ -168,14 +168,15 @@ def test_summhay_topics_put_each_insight_in_exactly_two_documents(sources):
 
 
 @pytest.mark.parametrize("task", ["mdqa", "musique", "summhay"])
-def test_rendered_sources_load_through_the_task_code(task, sources, tokenizer):
-    """The demo's real data goes through the same loaders as the public datasets, at the
-    short pretraining length and at 4x, and `real_limited` finds its subset."""
+def test_rendered_sources_load_through_the_task_code(task, sources, prompt_tokenizer):
+    """The demo's real data goes through the same loaders as the public datasets, with the
+    demo's options and the pretraining's tokenizer, at the short pretraining length and at
+    4x, and `real_limited` finds its subset."""
     from tasks import get_task
 
     module = get_task(task)
     for variant, target in (("real", 256), ("real", 1024), ("real_limited", 512)):
-        result = module.build(variant, sources=sources[task], options=TASK_OPTIONS[task], tokenizer=tokenizer,
+        result = module.build(variant, sources=sources[task], options=TASK_OPTIONS[task], tokenizer=prompt_tokenizer,
                               target_tokens=target, n=4, seed=0, split="eval")
         assert len(result.examples) == 4, (variant, result.dropped)
         for example in result.examples:
