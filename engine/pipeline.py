@@ -217,6 +217,8 @@ def evaluate_models(experiment: Experiment, store: RunStore, runs: Sequence[Run]
                     batch_size=e.batch_size,
                     insight_strict=e.insight_strict,
                     limit=e.limit,
+                    argmax_over=experiment.scoring.argmax_over,
+                    count=experiment.scoring.count,
                 )
             )
             keys.append((key, digest, out))
@@ -251,6 +253,7 @@ def run_knockouts(experiment: Experiment, store: RunStore, runs: Sequence[Run], 
             ks=k.ks,
             seeds=k.seeds,
             out_dir=str(out),
+            heads_from=heads_file(k.heads_from, "knockout.heads_from"),
             **decode_settings(experiment),
         )
         store.mark_done(key, digest, out)
@@ -282,14 +285,38 @@ def run_patchings(experiment: Experiment, store: RunStore, runs: Sequence[Run], 
             data_path=str(real_eval_path(store, run.task)),
             seeds=p.seeds,
             out_dir=str(out),
+            heads_from=heads_file(p.heads_from, "patching.heads_from"),
             **decode_settings(experiment),
         )
         store.mark_done(key, digest, out)
 
 
+def heads_file(path: str | None, key: str) -> str | None:
+    """An external head-score file named by the config, as an absolute path (actors and
+    re-runs resolve it the same way); an error naming the key when it does not exist."""
+    if path is None:
+        return None
+    resolved = Path(path).expanduser().resolve()
+    if not resolved.exists():
+        from engine.store import StoreError
+
+        raise StoreError(f"{key}: {path} does not exist")
+    return str(resolved)
+
+
+def heads_file_hash(path: str | None, key: str) -> str | None:
+    """What a stage reading `path` depends on: the file's contents, not its name alone."""
+    from analyses.interop import file_fingerprint
+
+    resolved = heads_file(path, key)
+    if resolved is None:
+        return None
+    return file_fingerprint(Path(resolved) / "head_scores.parquet" if Path(resolved).is_dir() else resolved)
+
+
 def knockout_hash(experiment: Experiment, run: Run) -> str:
     return cfg.content_hash(cfg.eval_hash(experiment, run, "own"), cfg.eval_hash(experiment, run, "real"),
-                            experiment.knockout)
+                            experiment.knockout, heads_file_hash(experiment.knockout.heads_from, "knockout.heads_from"))
 
 
 def patched(p: cfg.PatchingConfig, variant: str) -> bool:
@@ -311,7 +338,7 @@ def patch_source(experiment: Experiment, runs: Sequence[Run], run: Run) -> Run |
 
 def patching_hash(experiment: Experiment, run: Run, source: Run) -> str:
     return cfg.content_hash(*(cfg.eval_hash(experiment, r, s) for r in (run, source) for s in ("own", "real")),
-                            experiment.patching)
+                            experiment.patching, heads_file_hash(experiment.patching.heads_from, "patching.heads_from"))
 
 
 def write_reports(experiment: Experiment, store: RunStore, runs: Sequence[Run]) -> Path:
@@ -343,8 +370,9 @@ def init_ray() -> None:
 def run_experiment(experiment: Experiment, stages: Sequence[str] = cfg.STAGES) -> Path:
     store = RunStore(experiment.resolved_run_dir())
     store.save_config(cfg.to_dict(experiment), experiment.name)
+    write_json(run_provenance(experiment), store.path("provenance.json"))
     runs = cfg.expand(experiment)
-    timer = StageTimer(store)
+    timer = StageTimer(store, run_provenance(experiment))
     with timer("base_model"):
         base_model = base_model_path(experiment)
     if experiment.model.path == "miniature":
@@ -365,12 +393,22 @@ def run_experiment(experiment: Experiment, stages: Sequence[str] = cfg.STAGES) -
     return store.root
 
 
-class StageTimer:
-    """Wall seconds of each stage of this invocation, in `timings.json` (skipped stages take ~0)."""
+def run_provenance(experiment: Experiment) -> dict:
+    """The provenance of a run (engine.provenance), with every seed its stages use."""
+    from engine.provenance import provenance
 
-    def __init__(self, store: RunStore):
+    return provenance(seeds={"experiment": list(experiment.seeds), "knockout": list(experiment.knockout.seeds),
+                             "patching": list(experiment.patching.seeds)})
+
+
+class StageTimer:
+    """Wall seconds of each stage of this invocation, in `timings.json` (skipped stages take ~0),
+    with the provenance of the invocation."""
+
+    def __init__(self, store: RunStore, provenance: dict | None = None):
         self.path = store.path("timings.json")
         self.seconds: dict[str, float] = {}
+        self.provenance = provenance
 
     @contextlib.contextmanager
     def __call__(self, stage: str):
@@ -379,7 +417,8 @@ class StageTimer:
             yield
         finally:
             self.seconds[stage] = round(time.perf_counter() - started, 1)
-            write_json({**self.seconds, "total": round(sum(self.seconds.values()), 1)}, self.path)
+            extra = {"provenance": self.provenance} if self.provenance else {}
+            write_json({**self.seconds, "total": round(sum(self.seconds.values()), 1), **extra}, self.path)
 
 
 def plan(experiment: Experiment) -> list[dict]:

@@ -99,7 +99,7 @@ def test_every_stage_writes_its_artifacts(finished_run):
     assert {(r["k"], r["selection"]) for r in knock} >= {(1, "top"), (1, "random"), (2, "top")}
     timings = json.loads((run_dir / "timings.json").read_text())
     stages = ["base_model", "data", "train", "evaluate", "knockout", "patching", "report"]
-    assert set(timings) == {*stages, "total"}, timings
+    assert set(timings) == {*stages, "total", "provenance"}, timings
     assert all(timings[s] >= 0 for s in stages) and all(timings[s] > 0 for s in ("data", "train", "evaluate")), timings
     assert timings["total"] == pytest.approx(sum(timings[s] for s in stages), abs=0.1)
     text = report.read_text()
