@@ -42,6 +42,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import yaml
 
+from analyses.head_examples import KINDS, example_scores
 from engine.stats import spearman_permutation
 from engine.store import atomic_path, write_parquet, write_text
 
@@ -249,16 +250,10 @@ def _read_table(path: Path, kind: str | None) -> HeadScores:
 
 def _table_examples(path: Path, kind: str | None, scores: Mapping[Head, float]) -> dict | None:
     """Per-example scores from the engine's head_examples.parquet beside a head_scores table."""
-    if kind not in ("retrieval", "insight") or not path.is_file():
+    if kind not in KINDS or not path.is_file():
         return None
-    table = pq.read_table(path, columns=["n_layers", "n_heads", kind])
-    values = [v for v in table.column(kind).to_pylist() if v is not None]
-    if not values:
-        return None
-    n_layers, n_heads = table.column("n_layers")[0].as_py(), table.column("n_heads")[0].as_py()
-    grid = np.asarray(values, dtype=float).reshape(len(values), n_layers, n_heads)
-    counted = ~np.isnan(grid).all(axis=(1, 2))  # an example without a located span counts for no head
-    return {h: tuple(grid[counted, h[0], h[1]].tolist()) for h in scores if h[0] < n_layers and h[1] < n_heads}
+    grid = example_scores(path, kind)
+    return {h: tuple(grid[:, h[0], h[1]].tolist()) for h in scores if h[0] < grid.shape[1] and h[1] < grid.shape[2]}
 
 
 # --------------------------------------------------------------------------- writing

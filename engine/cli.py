@@ -6,6 +6,8 @@ Example:
     $ needlework plan experiments/paper/llama3_8b_mdqa.yaml --cost
     $ needlework run experiments/demo.yaml train.lr=1e-4 --stages data,train
     $ needlework demo
+    $ needlework heads compare runs/demo/eval/summhay/real/own theirs.json
+    $ needlework probe experiments/demo.yaml --steps 4,16
 """
 
 from __future__ import annotations
@@ -254,6 +256,9 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("report", help="(re)write report.md of a run directory")
     s.add_argument("run_dir")
     s.set_defaults(func=cmd_report)
+    from engine.cli_heads import add_commands
+
+    add_commands(sub)  # heads compare | export | show | stability | steps, and probe
     s = sub.add_parser("demo", help="the whole study on the bundled miniature, on a CPU")
     s.add_argument("overrides", nargs="*", help="key=value overrides of experiments/demo.yaml")
     s.add_argument("--run-dir", help="where to write (default runs/demo)")

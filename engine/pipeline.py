@@ -122,8 +122,32 @@ def make_synth(experiment: Experiment, store: RunStore):
     return make_synthesizer(experiment.synth, store.path("synth_cache"))
 
 
+def train_spec(experiment: Experiment, store: RunStore, run: Run, base_model: str, name: str | None = None,
+               out_dir: Path | None = None, **changes):
+    """The fine-tune of `run` as the experiment's train section sets it; `changes` override
+    settings (the probe's short tunes set max_steps), `name` and `out_dir` its place."""
+    from engine.train import TrainSpec
+
+    train = dataclasses.replace(cfg.train_config(experiment, run), **changes)
+    data = data_dir(store, run)
+    fields = {f.name for f in dataclasses.fields(TrainSpec)}
+    settings = {k: v for k, v in dataclasses.asdict(train).items() if k in fields}
+    return TrainSpec(
+        name=name or f"{run.task}/{run.label}",
+        base_model=base_model,
+        train_path=str(data / "train.parquet"),
+        val_path=str(data / "val.parquet"),
+        out_dir=str(out_dir or model_dir(store, run)),
+        rope_base=experiment.model.rope_base,
+        sliding_window=experiment.model.sliding_window,
+        seed=run.seed,
+        trust_remote_code=experiment.model.trust_remote_code,
+        **settings,
+    )
+
+
 def train_models(experiment: Experiment, store: RunStore, runs: Sequence[Run], base_model: str) -> None:
-    from engine.train import TrainSpec, train_all
+    from engine.train import train_all
 
     specs, keys = [], []
     for run in runs:
@@ -132,24 +156,7 @@ def train_models(experiment: Experiment, store: RunStore, runs: Sequence[Run], b
         key, digest = f"train/{run.task}/{run.label}", cfg.train_hash(experiment, run)
         if store.is_done(key, digest):
             continue
-        train = cfg.train_config(experiment, run)
-        data = data_dir(store, run)
-        fields = {f.name for f in dataclasses.fields(TrainSpec)}
-        settings = {k: v for k, v in dataclasses.asdict(train).items() if k in fields}
-        specs.append(
-            TrainSpec(
-                name=f"{run.task}/{run.label}",
-                base_model=base_model,
-                train_path=str(data / "train.parquet"),
-                val_path=str(data / "val.parquet"),
-                out_dir=str(model_dir(store, run)),
-                rope_base=experiment.model.rope_base,
-                sliding_window=experiment.model.sliding_window,
-                seed=run.seed,
-                trust_remote_code=experiment.model.trust_remote_code,
-                **settings,
-            )
-        )
+        specs.append(train_spec(experiment, store, run, base_model))
         keys.append((key, digest, model_dir(store, run)))
     if not specs:
         return
@@ -192,12 +199,32 @@ def pool_config(experiment: Experiment):
     )
 
 
+def eval_job(experiment: Experiment, name: str, model, task: str, data: Path, out: Path):
+    """A scored evaluation job with the experiment's evaluate and scoring settings."""
+    from engine.evaluate import EvalJob
+
+    e = experiment.evaluate
+    return EvalJob(
+        name=name,
+        model=model,
+        task=task,
+        data_path=str(data),
+        out_dir=str(out),
+        score_heads=True,
+        max_new_tokens=e.max_new_tokens,
+        batch_size=e.batch_size,
+        insight_strict=e.insight_strict,
+        limit=e.limit,
+        argmax_over=experiment.scoring.argmax_over,
+        count=experiment.scoring.count,
+    )
+
+
 def evaluate_models(experiment: Experiment, store: RunStore, runs: Sequence[Run], base_model: str) -> None:
     """Every model on the real task's evaluation set (F1) and on its own validation set (H_X)."""
-    from engine.evaluate import EvalJob, run_jobs
+    from engine.evaluate import run_jobs
 
     jobs, keys = [], []
-    e = experiment.evaluate
     for run in runs:
         for split in ("real", "own"):
             key, digest = f"evaluate/{run.task}/{run.label}/{split}", cfg.eval_hash(experiment, run, split)
@@ -205,22 +232,8 @@ def evaluate_models(experiment: Experiment, store: RunStore, runs: Sequence[Run]
                 continue
             data = real_eval_path(store, run.task) if split == "real" else data_dir(store, run) / "val.parquet"
             out = eval_dir(store, run, split)
-            jobs.append(
-                EvalJob(
-                    name=f"{run.task}/{run.label}/{split}",
-                    model=model_ref(experiment, store, run, base_model),
-                    task=run.task,
-                    data_path=str(data),
-                    out_dir=str(out),
-                    score_heads=True,
-                    max_new_tokens=e.max_new_tokens,
-                    batch_size=e.batch_size,
-                    insight_strict=e.insight_strict,
-                    limit=e.limit,
-                    argmax_over=experiment.scoring.argmax_over,
-                    count=experiment.scoring.count,
-                )
-            )
+            jobs.append(eval_job(experiment, f"{run.task}/{run.label}/{split}",
+                                 model_ref(experiment, store, run, base_model), run.task, data, out))
             keys.append((key, digest, out))
     if not jobs:
         return
@@ -342,16 +355,19 @@ def patching_hash(experiment: Experiment, run: Run, source: Run) -> str:
 
 
 def write_reports(experiment: Experiment, store: RunStore, runs: Sequence[Run]) -> Path:
+    from analyses.intervals import run_intervals
     from analyses.overlap import run_overlap
+    from analyses.stability import run_stability
+    from analyses.steps import run_steps
     from engine.report import write_report
 
+    tasks = [t.name for t in experiment.tasks]
     labels = {t.name: [r.label for r in runs if r.task == t.name] for t in experiment.tasks}
-    run_overlap(
-        store.root,
-        tasks=[t.name for t in experiment.tasks],
-        variants=labels,
-        kind_by_task={t.name: head_kind(experiment, t.name) for t in experiment.tasks},
-    )
+    kinds = {t.name: head_kind(experiment, t.name) for t in experiment.tasks}
+    run_overlap(store.root, tasks=tasks, variants=labels, kind_by_task=kinds)
+    run_intervals(store.root, tasks, labels, kinds)
+    run_stability(store.root, tasks, labels, kinds)
+    run_steps(store.root, tasks, labels, kinds)
     return write_report(store.root, config_summary=cfg.to_dict(experiment))
 
 
