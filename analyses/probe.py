@@ -245,15 +245,16 @@ def rank_correlation(x: Sequence[float], y: Sequence[float]) -> tuple[RankCorrel
     if math.isnan(rank.rho):
         return rank, Interval(math.nan, math.nan, math.nan, rank.n)
 
-    def rho(index):
-        index = np.asarray(index, dtype=np.int64)
-        a, b = x[index], y[index]
-        if np.all(a == a[0]) or np.all(b == b[0]):
-            return 0.0
-        return float(sp.spearmanr(a, b).statistic)
+    def rho(index, axis=-1):
+        index = np.asarray(index, dtype=np.int64)  # [..., n]: resamples along the leading axes
+        a, b = sp.rankdata(x[index], axis=-1), sp.rankdata(y[index], axis=-1)
+        a, b = a - a.mean(axis=-1, keepdims=True), b - b.mean(axis=-1, keepdims=True)
+        norm = np.sqrt((a * a).sum(axis=-1) * (b * b).sum(axis=-1))
+        # Spearman's rho is Pearson's r of the ranks; a constant side has no order: 0
+        return np.divide((a * b).sum(axis=-1), norm, out=np.zeros(norm.shape), where=norm > 0)
 
     # percentile: with a handful of candidates the jackknife behind BCa is too coarse to use
-    iv = bootstrap_interval((np.arange(len(x)),), rho, methods=("percentile",))
+    iv = bootstrap_interval((np.arange(len(x)),), rho, methods=("percentile",), vectorized=True)
     return rank, Interval(rank.rho, iv.low, iv.high, rank.n)
 
 
