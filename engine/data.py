@@ -95,8 +95,11 @@ def build_task_data(task: str, variant: str, *, sources: dict, options: dict, to
     _atomic_parquet(examples[:n_val], out_dir / "val.parquet")
     if eval_examples is not None:
         _atomic_parquet(eval_examples, out_dir / "eval.parquet")
+    from engine.provenance import provenance
+
     meta = {"task": task, "variant": variant, "target_tokens": target_tokens, "seed": seed, "dropped": dropped,
-            "n_requested": {"train_val": n_train, "eval": n_eval if variant == "real" else 0}}
+            "n_requested": {"train_val": n_train, "eval": n_eval if variant == "real" else 0},
+            "provenance": provenance(seeds={"data": seed})}
     _atomic_json(meta, out_dir / "build.json")
     stats = dataset_stats(out_dir)
     _atomic_json(stats, out_dir / "stats.json")
@@ -154,7 +157,8 @@ def dataset_stats(dir) -> dict:
             "filler_words": _summary([e.meta.get("n_filler_words", 0) for e in examples]),
         }
     return {"dir": str(dir), "task": build.get("task"), "variant": build.get("variant"),
-            "target_tokens": build.get("target_tokens"), "splits": splits, "dropped": build.get("dropped", {})}
+            "target_tokens": build.get("target_tokens"), "splits": splits, "dropped": build.get("dropped", {}),
+            "provenance": build.get("provenance")}
 
 
 def render_stats(stats: dict):
