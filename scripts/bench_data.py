@@ -222,7 +222,9 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
+    from engine.provenance import provenance
+
+    tmp.write_text(json.dumps({**result, "provenance": provenance()}, indent=2))
     os.replace(tmp, out)
     return result
 

@@ -204,7 +204,9 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
+    from engine.provenance import provenance
+
+    tmp.write_text(json.dumps({**result, "provenance": provenance()}, indent=2))
     os.replace(tmp, out)
 
 

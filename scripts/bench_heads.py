@@ -230,7 +230,9 @@ def main(argv=None) -> dict:
                    "method": "peak RSS (VmHWM, reset via /proc/self/clear_refs) minus RSS before the pass, "
                              "fresh subprocess per length, MALLOC_MMAP_THRESHOLD_=65536"},
     }
-    write_json(args.out, result)
+    from engine.provenance import provenance
+
+    write_json(args.out, {**result, "provenance": provenance()})
 
     table = Table(title="inline head scoring")
     for column in ("metric", "value", "goal", "detail"):

@@ -131,7 +131,9 @@ def main() -> None:
         table.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
     console.print(table)
     tmp = Path(args.out).with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=2))
+    from engine.provenance import provenance
+
+    tmp.write_text(json.dumps({**results, "provenance": provenance()}, indent=2))
     os.replace(tmp, args.out)
     shutil.rmtree(work, ignore_errors=True)
 
