@@ -7,9 +7,10 @@ head knockout (Sec. 5, Fig. 3) and cross-model patching (Sec. 5, Tables 3, 11).
 One instrumentation point: the input of each layer's `o_proj`, viewed as
 `[batch, pos, head, d_head]`. Knockout zeroes a head's slice there at every position;
 patching overwrites it with the slice another model computed on the same prompt. Scoring
-reads, at every decoding step, the argmax of each query head's attention over the context,
-computed inside the model's own attention call from the KV cache (one q·Kᵀ row per head,
-O(T) per step), so it costs almost nothing on top of plain greedy decoding.
+reads, at every decoding step, the argmax of each query head's attention (over every visible
+key, or over the prompt keys only), computed inside the model's own attention call from the
+KV cache (one q·Kᵀ row per head, O(T) per step), so it costs almost nothing on top of plain
+greedy decoding.
 
 Example (runnable with the tiny models of tests/tiny.py):
     >>> from engine.decode import ScoreSpans, greedy_decode
