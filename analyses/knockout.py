@@ -6,7 +6,10 @@ or insight, Eq. 2) on its own validation data; for each k of a sweep, the k best
 their outputs zeroed (input slice of o_proj, every position, prefill and decode) and the
 model is evaluated on the real task. The control zeroes k heads drawn at random from the
 heads OUTSIDE the top k (unlike Wu et al.'s public code, whose random draw may include them),
-once per seed. All runs go through one actor pool (`engine.evaluate.run_jobs`).
+once per seed. All runs go through one actor pool (`engine.evaluate.run_jobs`). With
+`heads_from`, the ranking comes from a head-score file of any format `analyses.interop` reads
+(a published Retrieval_Head/HeadKV score file, a QRHead list, another model's scores) instead
+of the model's own scores; the random control still draws from every other head of the model.
 
 Example:
     >>> from engine.evaluate import ModelRef, PoolConfig
@@ -96,6 +99,26 @@ def ranked_heads(head_scores: pa.Table, kind: str, source: str = "head_scores") 
     return sorted(heads, key=key)
 
 
+def external_ranking(heads_from: str, kind: str, model_heads: Sequence[Head]) -> tuple[list[Head], int]:
+    """The model's heads ranked by a head-score file: its ranking first, then the heads it does
+    not list (by layer, head). Returns the ranking and how many heads the file ranks.
+
+    Raises:
+        KnockoutError: the file names a head the model does not have.
+    """
+    from analyses.interop import read_head_scores
+
+    external = read_head_scores(heads_from, kind=kind)
+    known = set(model_heads)
+    outside = [h for h in external.scores if h not in known]
+    if outside:
+        raise KnockoutError(f"{heads_from}: head {outside[0][0]}-{outside[0][1]} is not a head of the model "
+                            f"({len(known)} heads)")
+    ranked = external.ranking()
+    rest = sorted(known - set(ranked))
+    return ranked + rest, len(ranked)
+
+
 def random_heads(ranking: Sequence[Head], k: int, seed: int) -> tuple[Head, ...]:
     """k heads drawn uniformly, without replacement, from outside the top k of `ranking`."""
     outside = sorted(ranking[k:])
@@ -119,16 +142,22 @@ def knockout_jobs(
     batch_size: int = 4,
     max_new_tokens: int | None = None,
     limit: int | None = None,
+    heads_from: str | None = None,
 ) -> list[KnockoutRun]:
     """The knockout sweep as evaluation jobs (no head scoring), top and random per k.
 
     k = 0 is the intact model (one "top" run, no random runs). Jobs write under
-    `<out_dir>/jobs/<name>/`.
+    `<out_dir>/jobs/<name>/`. `head_scores` (the model's own) lists every head of the model;
+    `heads_from`, when given, ranks them instead (`external_ranking`).
     """
     ranking = ranked_heads(read_parquet(head_scores), kind, source=head_scores)
+    ranked, source = len(ranking), head_scores
+    if heads_from is not None:
+        ranking, ranked = external_ranking(heads_from, kind, ranking)
+        source = heads_from
     ks = sorted({int(k) for k in ks})
-    if ks and (ks[0] < 0 or ks[-1] > len(ranking)):
-        raise KnockoutError(f"ks {ks} must lie in [0, {len(ranking)}] (heads in {head_scores})")
+    if ks and (ks[0] < 0 or ks[-1] > ranked):
+        raise KnockoutError(f"ks {ks} must lie in [0, {ranked}] (heads ranked in {source})")
 
     def job(name: str, heads: tuple[Head, ...]) -> EvalJob:
         return EvalJob(
@@ -172,6 +201,7 @@ def run_knockout(
     limit: int | None = None,
     show_progress: bool = True,
     scorer=None,
+    heads_from: str | None = None,
 ) -> pa.Table:
     """Runs the knockout sweep on one actor pool and writes `<out_dir>/knockout.parquet`.
 
@@ -183,7 +213,7 @@ def run_knockout(
     """
     runs = knockout_jobs(
         model=model, task=task, head_scores=head_scores, kind=kind, data_path=data_path, ks=ks, seeds=seeds,
-        out_dir=out_dir, batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit,
+        out_dir=out_dir, batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit, heads_from=heads_from,
     )
     summaries = run_jobs([r.job for r in runs], pool, show_progress=show_progress, scorer=scorer)
     table = pa.Table.from_pylist(

@@ -8,7 +8,9 @@ seed, n heads are sampled from H_inter, from H_compl, and from all heads (the ra
 control); each set's outputs (o_proj input slices over the prompt) are patched from the
 real-data model into X on the real task's evaluation set, then X decodes greedily without
 patching. The table reports F1 per set and its gain over unpatched X. With n = 0 there is
-nothing to patch: those rows carry a note and no F1.
+nothing to patch: those rows carry a note and no F1. With `heads_from`, H_real is read from a
+head-score file (`analyses.interop`: a published score file or list, another model's scores)
+instead of the source model's own scores.
 
 Example:
     >>> from engine.evaluate import ModelRef, PoolConfig
@@ -111,11 +113,20 @@ def scored_heads(path: str, kind: str) -> tuple[frozenset[Head], tuple[Head, ...
     return positive, every
 
 
-def head_sets(source_scores: str, target_scores: str, kind: str) -> HeadSets:
+def head_sets(source_scores: str, target_scores: str, kind: str, heads_from: str | None = None) -> HeadSets:
+    """H_real (from `heads_from` when given, else the source's scores), H_X and every head."""
     real, every_real = scored_heads(source_scores, kind)
     target, every_target = scored_heads(target_scores, kind)
     if every_real != every_target:
         raise PatchingError(f"{source_scores} and {target_scores} list different heads; models do not match")
+    if heads_from is not None:
+        from analyses.interop import read_head_scores
+
+        real = read_head_scores(heads_from, kind=kind).head_set()
+        outside = sorted(real - set(every_target))
+        if outside:
+            raise PatchingError(f"{heads_from}: head {outside[0][0]}-{outside[0][1]} is not a head of the model "
+                                f"({len(every_target)} heads in {target_scores})")
     return HeadSets(real=real, target=target, all_heads=every_real)
 
 
@@ -205,6 +216,7 @@ def run_patching(
     limit: int | None = None,
     show_progress: bool = True,
     scorer=None,
+    heads_from: str | None = None,
 ) -> pa.Table:
     """Patches H_inter, H_compl and random head sets from `source` into `target`; writes patching.parquet.
 
@@ -224,8 +236,9 @@ def run_patching(
         batch_size, max_new_tokens, limit: as `engine.evaluate.EvalJob`.
         show_progress: rich progress bar.
         scorer: a task-like object instead of the task registry.
+        heads_from: a head-score file whose heads with score > 0 stand for H_real.
     """
-    sets = head_sets(source_scores, target_scores, kind)
+    sets = head_sets(source_scores, target_scores, kind, heads_from)
     runs = patch_runs(
         sets, target=target, source=source, task=task, data_path=data_path, seeds=seeds, out_dir=out_dir,
         batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit,

@@ -33,6 +33,13 @@ REQUIRED_COLUMNS = {
     "recall.parquet": ("row", "column", "recall"),
     "spearman.parquet": ("metric", "rho", "p_value", "n", "reason", "variants"),
     "cross_task_cosine.parquet": ("task_a", "task_b", "variant", "cosine"),
+    "intervals.parquet": ("variant", "metric", "estimate", "ci_low", "ci_high", "n"),
+    "head_intervals.parquet": ("variant", "kind", "layer", "head", "score", "ci_low", "ci_high", "n"),
+    "stability.parquet": ("variant", "n_examples", "n_total", "jaccard_mean", "jaccard_low", "jaccard_high",
+                          "heads_all", "draws", "threshold"),
+    "steps.parquet": ("variant", "step", "n_examples", "n_heads", "heads_all", "coverage", "example_coverage"),
+    "probe.parquet": ("task", "steps", "variant", "recall", "cosine", "probe_f1", "full_f1"),
+    "correlation.parquet": ("task", "steps", "predictor", "rho", "p_value", "ci_low", "ci_high", "n"),
 }
 
 

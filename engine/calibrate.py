@@ -96,6 +96,7 @@ def measure(experiment: Experiment, base_model: str, steps: int = 4, new_tokens:
 
     from engine.evaluate import EvalJob, ModelRef, evaluate_shard, load_models
     from engine.models import load_tokenizer
+    from engine.provenance import provenance
     from engine.train import TrainSpec
     from engine.train_worker import train_loop_per_worker
     from tasks.example import to_table
@@ -155,6 +156,7 @@ def measure(experiment: Experiment, base_model: str, steps: int = 4, new_tokens:
         "decode_s_per_token": max(0.0, seconds[new_tokens] - seconds[1]) / decoded_after_first,
         "generated_tokens": generated[new_tokens],
         "load_s": load_s,
+        "provenance": provenance(),  # of the process that measured: the worker's hardware and threads
     }
 
 

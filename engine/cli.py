@@ -10,6 +10,8 @@ Example:
     $ needlework plan experiments/paper/llama3_8b_mdqa.yaml --cost
     $ needlework run experiments/demo.yaml train.lr=1e-4 --stages data,train
     $ needlework demo
+    $ needlework heads compare runs/demo/eval/summhay/real/own theirs.json
+    $ needlework probe experiments/demo.yaml --steps 4,16
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ BAD_INPUT = {"engine.config": "ConfigError", "engine.store": "StoreError", "engi
              "tasks.build": "DataError", "engine.evaluate": "EvalError", "engine.artifacts": "ReportError",
              "engine.decode": "DecodeError", "engine.heads": "HeadError", "engine.train_worker": "TrainDataError",
              "analyses.knockout": "KnockoutError", "analyses.patching": "PatchingError",
-             "analyses.overlap": "OverlapError", "engine.cost_inputs": "CostError"}
+             "analyses.overlap": "OverlapError", "engine.cost_inputs": "CostError",
+             "analyses.interop": "InteropError", "analyses.head_examples": "ExamplesError", "analyses.probe": "ProbeError"}
 RUN_FAILURES = {"engine.pool": "PoolError", "engine.train": "TrainError", "engine.synth.backend": "SynthError",
                 "engine.miniature.pretrain": "MiniatureError"}
 
@@ -390,6 +393,10 @@ def parser() -> argparse.ArgumentParser:
     mp.add_argument("--ship", action="store_true", help="write the repository's shipped base (data/miniature)")
     mp.add_argument("--force", action="store_true", help="with --ship: pretrain even if the shipped base is this recipe's")
     mp.set_defaults(func=cmd_miniature_pretrain)
+
+    from engine.cli_heads import add_commands
+
+    add_commands(sub)  # heads compare | export | show | stability | steps, and probe
     s = sub.add_parser("demo", help="the whole study on the bundled miniature, on a CPU")
     s.add_argument("overrides", nargs="*", help="key=value overrides of experiments/demo.yaml")
     s.add_argument("--run-dir", help="where to write (default runs/demo)")

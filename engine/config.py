@@ -143,11 +143,25 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class ScoringConfig:
+    """Which reading of the retrieval score (Eq. 1) the inline scorer computes (engine/heads.py)."""
+
+    argmax_over: str = "all"  # all: every visible key (the paper, Wu et al.) | prompt: prompt keys only
+    count: str = "unique"  # unique: each answer position once (Eq. 1) | repeats: every step (Wu et al.'s code)
+
+
+SCORING_CHOICES = {"argmax_over": ("all", "prompt"), "count": ("unique", "repeats")}
+
+
+@dataclass(frozen=True)
 class KnockoutConfig:
     enabled: bool = True
     ks: tuple[int, ...] = field(default=(0, 10, 20, 50, 100), metadata=each(at_least(0)))
     seeds: tuple[int, ...] = (0, 1, 2)
     variants: tuple[str, ...] = field(default=("real",), metadata=each(one_of(*VARIANTS)))
+    # rank heads by this file (Retrieval_Head/HeadKV JSON, QRHead YAML or JSON, Parquet, CSV:
+    # analyses/interop.py) instead of each model's own scores
+    heads_from: str | None = None
 
 
 @dataclass(frozen=True)
@@ -156,6 +170,7 @@ class PatchingConfig:
     source: str = field(default="real", metadata=one_of(*VARIANTS))
     variants: tuple[str, ...] | None = field(default=None, metadata=each(one_of(*VARIANTS)))  # None: every synthetic variant trained
     seeds: tuple[int, ...] = (0,)
+    heads_from: str | None = None  # H_real read from this head-score file instead of the source model's
 
 
 @dataclass(frozen=True)
@@ -169,6 +184,7 @@ class Experiment:
     miniature: Any = None  # engine.miniature.MiniatureSpec, when model.path == "miniature"
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    scoring: ScoringConfig = ScoringConfig()
     knockout: KnockoutConfig = KnockoutConfig()
     patching: PatchingConfig = PatchingConfig()
     sweep: dict = field(default_factory=dict)  # dotted key -> list of values
@@ -328,6 +344,10 @@ def parse_experiment(raw: dict, source: str = "<experiment>", check_sources: boo
     if experiment.model.path == "miniature" and experiment.miniature is None:
         experiment = dataclasses.replace(experiment, miniature=_section_class("miniature")())
     _check_sweep(experiment, source)
+    for key, choices in SCORING_CHOICES.items():
+        if getattr(experiment.scoring, key) not in choices:
+            raise ConfigError(f"{source}: scoring.{key}: {getattr(experiment.scoring, key)!r} is not one of "
+                              f"{', '.join(choices)}")
     for task in experiment.tasks:
         check_target_tokens(task.target_tokens, experiment.model.max_context,
                             f"{source}: tasks.{task.name}.target_tokens",
@@ -629,7 +649,8 @@ def eval_hash(experiment: Experiment, run: Run, split: str) -> str:
     upstream = train_hash(experiment, run) if run.fine_tuned else content_hash(experiment.model)
     data = data_hash(experiment, Run(run.task, "real", 0) if split == "real" or not run.fine_tuned else run)
     settings = dataclasses.replace(experiment.evaluate, num_actors=None)
-    return content_hash("evaluate", upstream, data, split, settings, experiment.task(run.task).head_kind)
+    return content_hash("evaluate", upstream, data, split, settings, experiment.task(run.task).head_kind,
+                        experiment.scoring)
 
 
 def to_dict(experiment: Experiment) -> dict:

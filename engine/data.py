@@ -82,8 +82,11 @@ def build_task_data(task: str, variant: str, *, sources: dict, options: dict, to
         _check_not_empty(eval_examples, task, variant, "eval", sources, result.dropped)
     random.Random(seed).shuffle(examples)
     n_val = int(round(len(examples) * val_fraction))
+    from engine.provenance import provenance
+
     meta = {"task": task, "variant": variant, "target_tokens": target_tokens, "seed": seed, "dropped": dropped,
-            "n_requested": {"train_val": n_train, "eval": n_eval if variant == "real" else 0}}
+            "n_requested": {"train_val": n_train, "eval": n_eval if variant == "real" else 0},
+            "provenance": provenance(seeds={"data": seed})}
     with atomic_dir(out_dir) as tmp:
         write_parquet(to_table(examples[n_val:]), tmp / "train.parquet")
         write_parquet(to_table(examples[:n_val]), tmp / "val.parquet")
@@ -162,7 +165,8 @@ def dataset_stats(dir) -> dict:
     if not splits:
         raise DataError(f"{dir}: not a dataset directory (no {', '.join(f'{s}.parquet' for s in SPLITS)})")
     return {"dir": str(dir), "task": build.get("task"), "variant": build.get("variant"),
-            "target_tokens": build.get("target_tokens"), "splits": splits, "dropped": build.get("dropped", {})}
+            "target_tokens": build.get("target_tokens"), "splits": splits, "dropped": build.get("dropped", {}),
+            "provenance": build.get("provenance")}
 
 
 # Examples are dropped while a build draws them, before the train / val split is made: the

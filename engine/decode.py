@@ -28,15 +28,19 @@ import torch
 
 from engine.heads import (
     ARGMAX_KWARG,
+    ARGMAX_OVER,
+    COUNTS,
     HeadArgmax,
     HeadError,
     Knockout,
     Patch,
     check_compatible,
+    insight_hits,
     insight_scores,
     knockout,
     patch_heads,
     record_heads,
+    retrieval_hits,
     retrieval_scores,
     scoring_attention,
 )
@@ -70,7 +74,11 @@ class Decoded:
             located; None when scoring was off.
         insight: the same for insight scores (Eq. 2) against the needle spans.
         argmax: with `keep_argmax=True`, `[steps, n_layers, n_heads]` each head's attention
-            argmax over the prompt tokens at each scored step (-1: no prompt token visible).
+            argmax at each scored step, as a position in the sequence (the prompt's tokens,
+            then the generated ones; -1: no candidate key visible).
+        retrieval_hits: `[steps, n_layers, n_heads]` whether each head retrieved (Eq. 1's
+            event) at each scored step; None when scoring was off.
+        insight_hits: the same for Eq. 2's event (argmax inside a needle).
     """
 
     text: str
@@ -78,6 +86,8 @@ class Decoded:
     retrieval: np.ndarray | None
     insight: np.ndarray | None
     argmax: np.ndarray | None = None
+    retrieval_hits: np.ndarray | None = None
+    insight_hits: np.ndarray | None = None
 
 
 def token_spans(offsets: Sequence[tuple[int, int]], char_spans: Sequence[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
@@ -123,14 +133,17 @@ def greedy_decode(
     insight_strict: bool = False,
     progress: Callable[[int], None] | None = None,
     keep_argmax: bool = False,
+    argmax_over: str = "all",
+    count: str = "unique",
 ) -> list[Decoded]:
     """Greedily continues each prompt until EOS, a stop string or `max_new_tokens`.
 
-    Scoring (when `spans` is given) is over the prompt positions only. At every step,
-    including the first token (produced by prefill, scored with the last prompt query's
-    attention), each query head's argmax over the prompt keys (RoPE applied, padding and
-    sliding window respected) is paired with the token generated at that step. The step that
-    generates EOS or completes a stop string is scored; steps after it are not.
+    When `spans` is given, at every step, including the first token (produced by prefill,
+    scored with the last prompt query's attention), each query head's attention argmax (RoPE
+    applied, padding and sliding window respected) is paired with the token generated at that
+    step. The step that generates EOS or completes a stop string is scored; steps after it are
+    not. The argmax is over every visible key (`argmax_over="all"`) or the prompt keys only
+    ("prompt"); see `engine.heads` for the two readings and for `count`.
 
     Args:
         model: causal LM (sdpa or flash attention backend for scoring).
@@ -145,6 +158,8 @@ def greedy_decode(
         insight_strict: also require the token match of Eq. 1 for the insight score.
         progress: called after each batch with the number of prompts it finished.
         keep_argmax: also return the per-step argmax behind the scores (needs `spans`).
+        argmax_over: "all" (the paper's reading) or "prompt".
+        count: "unique" (the paper's Eq. 1) or "repeats" (Wu et al.'s code).
 
     Returns:
         One `Decoded` per prompt, in input order.
@@ -161,6 +176,10 @@ def greedy_decode(
     scored = spans is not None
     if keep_argmax and not scored:
         raise DecodeError("keep_argmax needs spans (the argmax is taken only while scoring)")
+    if argmax_over not in ARGMAX_OVER:
+        raise DecodeError(f"argmax_over must be one of {ARGMAX_OVER}, got {argmax_over!r}")
+    if count not in COUNTS:
+        raise DecodeError(f"count must be one of {COUNTS}, got {count!r}")
     if scored and not getattr(tokenizer, "is_fast", False):
         raise DecodeError("scoring needs a fast tokenizer (return_offsets_mapping) to locate spans")
     if isinstance(intervention, Patch):
@@ -204,16 +223,19 @@ def greedy_decode(
                 eos=eos,
                 scored=scored,
                 patch=intervention if isinstance(intervention, Patch) else None,
+                argmax_over=argmax_over,
             )
             for row, i in enumerate(batch):
                 tokens = generated[row]
-                retrieval = insight = None
+                retrieval = insight = r_hits = i_hits = None
                 if scored:
                     steps = argmax[row]
                     gen = np.asarray(tokens, dtype=np.int64)
                     prompt_ids = np.asarray(ids[i], dtype=np.int64)
-                    retrieval = retrieval_scores(steps, gen, prompt_ids, answer_tok[i])
+                    retrieval = retrieval_scores(steps, gen, prompt_ids, answer_tok[i], count=count)
                     insight = insight_scores(steps, gen, prompt_ids, needle_tok[i], strict=insight_strict)
+                    r_hits = retrieval_hits(steps, gen, prompt_ids, answer_tok[i])
+                    i_hits = insight_hits(steps, gen, prompt_ids, needle_tok[i], strict=insight_strict)
                 kept = tuple(tokens[:-1] if tokens and tokens[-1] in eos else tokens)
                 results[i] = Decoded(
                     text=_cut(tokenizer.decode(list(kept), skip_special_tokens=True), stop_strings),
@@ -221,6 +243,8 @@ def greedy_decode(
                     retrieval=retrieval,
                     insight=insight,
                     argmax=argmax[row] if keep_argmax else None,
+                    retrieval_hits=r_hits,
+                    insight_hits=i_hits,
                 )
             if progress is not None:
                 progress(len(batch))
@@ -249,11 +273,13 @@ def _decode_batch(
     eos: set[int],
     scored: bool,
     patch: Patch | None,
+    argmax_over: str = "all",
 ) -> tuple[list[list[int]], list[np.ndarray] | None]:
     """Decodes one left-padded batch.
 
     Returns each row's generated tokens (ending token included) and, when scored, each
-    row's `[steps, layer, head]` argmax as prompt token indices (-1: no prompt key visible).
+    row's `[steps, layer, head]` argmax as a position in that row's unpadded sequence (prompt,
+    then generated tokens; -1: no candidate key visible).
     """
     from transformers import DynamicCache
 
@@ -268,7 +294,8 @@ def _decode_batch(
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens start at 0
     pads = torch.tensor([width - len(x) for x in batch_ids])
 
-    recorder = HeadArgmax(architecture(model).n_layers, context_len=width) if scored else None
+    context_len = width if argmax_over == "prompt" else None  # the padded prompt is cache [0, width)
+    recorder = HeadArgmax(architecture(model).n_layers, context_len=context_len) if scored else None
     extra = {ARGMAX_KWARG: recorder} if scored else {}
     # a cache without the config keeps every position, so cache index == padded position
     # even under a sliding window (the mask, not the cache, applies the window)
@@ -304,6 +331,7 @@ def _decode_batch(
     if not scored:
         return generated, None
     cache_index = torch.stack(steps).cpu()  # [steps, batch, layer, head]
+    # left padding shifts prompt and generated tokens alike, so one subtraction maps both
     prompt_index = torch.where(cache_index >= 0, cache_index - pads[None, :, None, None], cache_index)
     per_row = [prompt_index[: len(generated[row]), row].numpy() for row in range(n_rows)]
     return generated, per_row

@@ -10,7 +10,9 @@ An evaluation set is cut into shards of `PoolConfig.shard_size` examples. Actors
 model) and keep it while they take more shards of the same pair. Each finished shard is
 written atomically to `<out_dir>/shards/`; a re-run skips shards whose file exists, so a
 crashed driver resumes where it stopped. When every shard of a job is in, they are merged
-into `predictions.parquet`, `head_scores.parquet` (layout.md) and `summary.json`, and that
+into `predictions.parquet`, `head_scores.parquet` (per-head means), `head_examples.parquet`
+(per-example scores and per-step hit events, for intervals, stability and per-step head sets)
+and `summary.json` (with the provenance of the result, `engine.provenance`), and that
 directory replaces `out_dir` whole: a job's outputs appear together or not at all.
 
 Example:
@@ -36,6 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine.pool import PoolConfig, PoolStats, WorkItem, run_pool
+from engine.provenance import provenance
 from engine.store import atomic_dir, read_json, write_json, write_parquet
 
 __all__ = ["EvalError", "EvalJob", "EvalWorker", "LoadedModels", "ModelRef", "PoolConfig", "evaluate_shard",
@@ -59,8 +62,15 @@ SHARD_SCHEMA = pa.schema(
         ("n_heads", pa.int32()),
         ("retrieval", pa.list_(pa.float64())),  # [n_layers * n_heads], NaN = not counted; null = not scored
         ("insight", pa.list_(pa.float64())),
+        ("n_steps", pa.int32()),  # scored decoding steps
+        # flat indices into [n_steps, n_layers, n_heads] of the steps at which a head retrieved
+        # (Eq. 1's event) or looked into a needle (Eq. 2's); null = not scored
+        ("retrieval_hits", pa.list_(pa.int32())),
+        ("insight_hits", pa.list_(pa.int32())),
     ]
 )
+EXAMPLE_COLUMNS = ("index", "id", "n_layers", "n_heads", "retrieval", "insight", "n_steps", "retrieval_hits",
+                   "insight_hits")
 
 
 class EvalError(ValueError):
@@ -105,6 +115,8 @@ class EvalJob:
         batch_size: prompts per forward pass.
         insight_strict: the token-match reading of Eq. 2.
         limit: evaluate only the first `limit` examples.
+        argmax_over: "all" or "prompt": the keys each head's argmax is taken over.
+        count: "unique" or "repeats": how Eq. 1 counts a position retrieved at several steps.
     """
 
     name: str
@@ -120,6 +132,8 @@ class EvalJob:
     batch_size: int = 4
     insight_strict: bool = False
     limit: int | None = None
+    argmax_over: str = "all"
+    count: str = "unique"
 
     def __post_init__(self):
         if self.knockout is not None and self.patch_source is not None:
@@ -226,6 +240,8 @@ def evaluate_shard(
         spans=spans,
         intervention=intervention,
         insight_strict=job.insight_strict,
+        argmax_over=job.argmax_over,
+        count=job.count,
     )
     rows = []
     for offset, (example, out) in enumerate(zip(examples, decoded)):
@@ -243,9 +259,16 @@ def evaluate_shard(
                 "n_heads": shape[1],
                 "retrieval": None if out.retrieval is None else out.retrieval.ravel().tolist(),
                 "insight": None if out.insight is None else out.insight.ravel().tolist(),
+                "n_steps": 0 if out.retrieval_hits is None else len(out.retrieval_hits),
+                "retrieval_hits": _flat_hits(out.retrieval_hits),
+                "insight_hits": _flat_hits(out.insight_hits),
             }
         )
     return pa.Table.from_pylist(rows, schema=SHARD_SCHEMA)
+
+
+def _flat_hits(hits) -> list[int] | None:
+    return None if hits is None else np.flatnonzero(hits).astype(np.int32).tolist()
 
 
 class EvalWorker:
@@ -371,6 +394,7 @@ class _JobPlan:
     digest: str
     n_examples: int
     shard_paths: tuple[Path, ...]
+    torch_threads: int = 1  # each actor's torch threads (its CPUs)
 
 
 def _shard_path(job: EvalJob, digest: str, start: int, end: int) -> Path:
@@ -394,6 +418,9 @@ def merge_shards(plan: _JobPlan, keep_shards: bool) -> dict:
         "em": float(np.mean(table.column("em").to_numpy())),
         "n": table.num_rows,
         "out_dir": str(out),
+        "scoring": {"argmax_over": job.argmax_over, "count": job.count, "insight_strict": job.insight_strict}
+        if job.score_heads else None,
+        "provenance": provenance(actor_torch_threads=plan.torch_threads),  # greedy decoding: no seed
     }
     # The shards stay in the old out_dir until the new one replaces it: a crash before the
     # swap leaves them for the next run to merge again.
@@ -402,6 +429,7 @@ def merge_shards(plan: _JobPlan, keep_shards: bool) -> dict:
         if job.score_heads:
             write_parquet(score_table(_stack(table, "retrieval"), _stack(table, "insight")),
                           tmp / "head_scores.parquet")
+            write_parquet(table.select(EXAMPLE_COLUMNS), tmp / "head_examples.parquet")
         write_json(summary, tmp / "summary.json")
         if keep_shards:
             (tmp / "shards").mkdir()
@@ -429,7 +457,8 @@ def _finished(job: EvalJob, digest: str) -> dict | None:
     if not path.exists() or not (out / "predictions.parquet").exists():
         return None
     summary = read_json(path)
-    if summary.get("hash") != digest or (job.score_heads and not (out / "head_scores.parquet").exists()):
+    heads = ("head_scores.parquet", "head_examples.parquet") if job.score_heads else ()
+    if summary.get("hash") != digest or not all((out / name).exists() for name in heads):
         return None
     return summary
 
@@ -474,7 +503,7 @@ def run_eval_pool(
                     WorkItem(key=str(path), affinity=job.models_key, payload=(job, start, rows[start:end]),
                              size=end - start)
                 )
-        plans[job.name] = _JobPlan(job, digest, len(rows), tuple(paths))
+        plans[job.name] = _JobPlan(job, digest, len(rows), tuple(paths), max(1, int(pool.cpus_per_actor)))
         missing[job.name] = {p for p in paths if not p.exists()}
         if not missing[job.name]:
             summaries[job.name] = merge_shards(plans[job.name], pool.keep_shards)

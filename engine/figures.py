@@ -1,4 +1,5 @@
-"""The report's figures, drawn from plain arrays: heatmaps, knockout curves, similarity vs F1.
+"""The report's figures, drawn from plain arrays: heatmaps, knockout curves, similarity vs F1,
+head-set stability and per-step coverage curves.
 
 Source: Zhao, Yin, Durrett (ICML 2025): Figures 6-9 (retrieval / insight scores by layer and
 head), Figure 3 (F1 after masking the top-k heads vs k random heads), Figure 4 (similarity of
@@ -108,6 +109,37 @@ def similarity_scatter(panels: Sequence[Mapping], title: str, path: Path) -> Pat
         stats = f"Spearman rho={_num(panel['rho'])}, p={_num(panel['p_value'], '.2g')}, n={panel['n']}"
         ax.set_title(stats, fontsize=10)
     fig.suptitle(title)
+    return _save(fig, path)
+
+
+def line_bands(curves: Mapping[str, Mapping[str, Sequence[float]]], xlabel: str, ylabel: str, title: str,
+               path: Path, log_x: bool = False, reference: float | None = None) -> Path:
+    """One line per model with an optional shaded band: head-set stability against the number of
+    scored examples, or per-step coverage of H_X against the decoding step.
+
+    Args:
+        curves: {model label: {"x", "y", and optionally "low", "high"}}.
+        xlabel, ylabel, title: axis labels and the title.
+        path: the PNG to write.
+        log_x: a base-2 log x axis (subset sizes 1, 2, 4, ...).
+        reference: a dotted horizontal line (e.g. the Jaccard index called enough).
+    """
+    fig = Figure(figsize=(6.0, 4.2), layout="constrained")
+    ax = fig.subplots()
+    for label, c in curves.items():
+        (line,) = ax.plot(c["x"], c["y"], "o-", markersize=3, label=label)
+        if "low" in c and "high" in c:
+            ax.fill_between(c["x"], c["low"], c["high"], color=line.get_color(), alpha=0.15, linewidth=0)
+    if log_x:
+        ax.set_xscale("log", base=2)
+    if reference is not None:
+        ax.axhline(reference, color="gray", linestyle=":")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(-0.02, 1.02)
+    if curves:
+        ax.legend(fontsize=8, ncol=2)
+    ax.set_title(title)
     return _save(fig, path)
 
 

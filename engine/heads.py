@@ -7,9 +7,10 @@ head knockout (Sec. 5, Fig. 3) and cross-model patching (Sec. 5, Tables 3, 11).
 One instrumentation point: the input of each layer's `o_proj`, viewed as
 `[batch, pos, head, d_head]`. Knockout zeroes a head's slice there at every position;
 patching overwrites it with the slice another model computed on the same prompt. Scoring
-reads, at every decoding step, the argmax of each query head's attention over the context,
-computed inside the model's own attention call from the KV cache (one q·Kᵀ row per head,
-O(T) per step), so it costs almost nothing on top of plain greedy decoding.
+reads, at every decoding step, the argmax of each query head's attention (over every visible
+key, or over the prompt keys only), computed inside the model's own attention call from the
+KV cache (one q·Kᵀ row per head, O(T) per step), so it costs almost nothing on top of plain
+greedy decoding.
 
 Example (runnable with the tiny models of tests/tiny.py):
     >>> from engine.decode import ScoreSpans, greedy_decode
@@ -21,6 +22,16 @@ Example (runnable with the tiny models of tests/tiny.py):
     >>> score_table(np.stack([d.retrieval for d in decoded]), np.stack([d.insight for d in decoded]))
 
 Scores are per example `[n_layers, n_heads]` (NaN: not counted); `score_table` averages them.
+
+Two readings of Eq. 1 differ between the paper and Wu et al.'s published code, and both are
+options (`scoring.argmax_over`, `scoring.count` in the experiment YAML):
+- `argmax_over`: "all" (the paper, and Wu et al.'s code: the top-1 over every key the query
+  sees, prompt and tokens generated so far) or "prompt" (the top-1 over the prompt keys only).
+  Under "all" a step whose argmax lands on a generated token retrieves nothing.
+- `count`: "unique" (the paper's Eq. 1: each answer-span position counts once, so S_h <= 1)
+  or "repeats" (Wu et al.'s code: 1/|y*| at every step that retrieves, so repeats count and a
+  score can pass 1).
+The defaults, `all` and `unique`, are the paper's reading.
 """
 
 from __future__ import annotations
@@ -40,6 +51,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 Head = tuple[int, int]  # (layer, query head)
+ARGMAX_OVER = ("all", "prompt")  # which keys a head's attention argmax is taken over
+COUNTS = ("unique", "repeats")  # how often one answer-span position may count for a head
 SCORED_PREFIX = "needlework_scored_"
 ARGMAX_KWARG = "head_argmax"  # forward kwarg that carries a HeadArgmax to the attention call
 
@@ -202,11 +215,12 @@ def check_compatible(source, target) -> None:
 class HeadArgmax:
     """Collects, during one forward pass, each query head's attention argmax for the newest query.
 
-    Only keys in `[0, context_len)` (the padded prompt) are candidates. Entries are KV-cache
-    indices, or -1 when no context key is visible to the query (sliding window, all padding).
+    Only keys in `[0, context_len)` (the padded prompt) are candidates; with `context_len=None`
+    every key the query sees is (prompt and generated tokens). Entries are KV-cache indices, or
+    -1 when no candidate key is visible to the query (sliding window, all padding).
     """
 
-    def __init__(self, n_layers: int, context_len: int):
+    def __init__(self, n_layers: int, context_len: int | None):
         self.context_len = context_len
         self.layers: list[torch.Tensor | None] = [None] * n_layers
 
@@ -257,9 +271,10 @@ def _grouped_scores(query_last, key, scaling, visible) -> torch.Tensor:
     return scores
 
 
-def _context_argmax(scores: torch.Tensor, context_len: int) -> torch.Tensor:
-    """Argmax over the context keys of grouped scores -> `[batch, head]`, -1 where none visible."""
-    context = scores[..., :context_len]
+def _context_argmax(scores: torch.Tensor, context_len: int | None) -> torch.Tensor:
+    """Argmax over the first `context_len` keys (None: all) of grouped scores -> `[batch, head]`,
+    -1 where none is visible."""
+    context = scores if context_len is None else scores[..., :context_len]
     best, index = context.max(dim=-1)
     index = torch.where(torch.isfinite(best), index, torch.full_like(index, -1))
     return index.flatten(1)  # kv-head major order == query-head order under GQA
@@ -320,42 +335,98 @@ def scoring_attention(model) -> Iterator[None]:
 # --------------------------------------------------------------------------- Eq. 1, Eq. 2
 
 
-def retrieval_scores(
+def _copied(argmax: np.ndarray, generated: np.ndarray, prompt_ids: np.ndarray) -> np.ndarray:
+    """`[steps, layer, head]`: the argmax is a prompt position holding the token generated then."""
+    in_prompt = (argmax >= 0) & (argmax < len(prompt_ids))  # "all": generated keys lie past the prompt
+    safe = np.clip(argmax, 0, max(len(prompt_ids) - 1, 0))
+    return in_prompt & (prompt_ids[safe] == generated[:, None, None])
+
+
+def _spans(spans: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    return [(int(s), int(e)) for s, e in spans if e > s]
+
+
+def retrieval_hits(
     argmax: np.ndarray,
     generated: np.ndarray,
     prompt_ids: np.ndarray,
     answer_spans: Sequence[tuple[int, int]],
 ) -> np.ndarray:
+    """Which heads retrieve at which step (the event Eq. 1 counts): `[steps, layer, head]` bool.
+
+    Head h retrieves at step t when its argmax j lies in an answer span and `prompt_ids[j]`
+    is the token generated at t. Args as `retrieval_scores`.
+    """
+    copied = _copied(argmax, generated, prompt_ids)
+    inside = np.zeros(argmax.shape, dtype=bool)
+    for start, end in _spans(answer_spans):
+        inside |= (argmax >= start) & (argmax < end)
+    return copied & inside
+
+
+def retrieval_scores(
+    argmax: np.ndarray,
+    generated: np.ndarray,
+    prompt_ids: np.ndarray,
+    answer_spans: Sequence[tuple[int, int]],
+    count: str = "unique",
+) -> np.ndarray:
     """Retrieval score (Eq. 1) of every head for one example.
 
     At decoding step t the model generates token w_t; head h retrieves it if its argmax
-    position j over the prompt lies in an answer span and `prompt_ids[j] == w_t`. Each span
-    position counts at most once per head (set semantics). The score is the best span's
-    fraction of retrieved positions: max over spans s of |retrieved ∩ s| / |s|.
+    position j lies in an answer span and `prompt_ids[j] == w_t`. With `count="unique"`
+    (Eq. 1) each span position counts at most once per head; with `count="repeats"` (Wu et
+    al.'s code) every retrieving step adds 1/|s|. The score is the best span's: max over spans
+    s of (retrieved positions, or retrieving steps, in s) / |s|.
 
     Args:
-        argmax: `[steps, layer, head]` prompt token index per step, -1 for none.
+        argmax: `[steps, layer, head]` each step's argmax as a position in the sequence
+            (prompt tokens first, then generated ones), -1 for none.
         generated: `[steps]` the token generated at each scored step.
         prompt_ids: `[prompt_len]` the example's prompt tokens (no padding).
         answer_spans: token spans `(start, end)`, end exclusive.
+        count: "unique" or "repeats".
 
     Returns:
         `[layer, head]` float scores; all NaN when no answer span is given (not counted).
     """
+    if count not in COUNTS:
+        raise HeadError(f"count must be one of {COUNTS}, got {count!r}")
     n_layers, n_heads = argmax.shape[1:]
-    spans = [(s, e) for s, e in answer_spans if e > s]
+    spans = _spans(answer_spans)
     if not spans:
         return np.full((n_layers, n_heads), np.nan)
-    safe = np.clip(argmax, 0, None)
-    copied = (argmax >= 0) & (prompt_ids[safe] == generated[:, None, None])  # [steps, layer, head]
+    copied = _copied(argmax, generated, prompt_ids)
     best = np.zeros((n_layers, n_heads))
     for start, end in spans:
         hit = copied & (argmax >= start) & (argmax < end)
+        if count == "repeats":
+            best = np.maximum(best, hit.sum(axis=0) / (end - start))
+            continue
         retrieved = np.zeros((n_layers, n_heads, end - start), dtype=bool)
         _, layer, head = np.nonzero(hit)
         retrieved[layer, head, argmax[hit] - start] = True
         best = np.maximum(best, retrieved.sum(-1) / (end - start))
     return best
+
+
+def insight_hits(
+    argmax: np.ndarray,
+    generated: np.ndarray,
+    prompt_ids: np.ndarray,
+    needle_spans: Sequence[tuple[int, int]],
+    strict: bool = False,
+) -> np.ndarray:
+    """Which heads look into a needle at which step (the event Eq. 2 tests): `[steps, layer, head]`.
+
+    Args as `insight_scores`.
+    """
+    inside = np.zeros(argmax.shape, dtype=bool)
+    for start, end in _spans(needle_spans):
+        inside |= (argmax >= start) & (argmax < end)
+    if strict:
+        inside &= _copied(argmax, generated, prompt_ids)
+    return inside
 
 
 def insight_scores(
@@ -367,9 +438,10 @@ def insight_scores(
 ) -> np.ndarray:
     """Insight score (Eq. 2) of every head for one example.
 
-    1 if at any step the head's argmax over the prompt falls inside any needle span, else
-    0. The generated answers (document ids) never occur in the needle, so the token match of
-    Eq. 1 is dropped, as HeadKV does; `strict=True` keeps it (prompt token at j == w_t).
+    1 if at any step the head's argmax falls inside any needle span, else 0. The generated
+    answers (document ids) never occur in the needle, so the token match of Eq. 1 is dropped,
+    as HeadKV does; `strict=True` keeps it (prompt token at j == w_t). An indicator, so the
+    `count` reading of Eq. 1 does not apply.
 
     Args: as `retrieval_scores`, with `needle_spans` token spans.
 
@@ -377,16 +449,9 @@ def insight_scores(
         `[layer, head]` of 0.0 / 1.0; all NaN when no needle span is given (not counted).
     """
     n_layers, n_heads = argmax.shape[1:]
-    spans = [(s, e) for s, e in needle_spans if e > s]
-    if not spans:
+    if not _spans(needle_spans):
         return np.full((n_layers, n_heads), np.nan)
-    inside = np.zeros(argmax.shape, dtype=bool)
-    for start, end in spans:
-        inside |= (argmax >= start) & (argmax < end)
-    if strict:
-        safe = np.clip(argmax, 0, None)
-        inside &= (argmax >= 0) & (prompt_ids[safe] == generated[:, None, None])
-    return inside.any(axis=0).astype(np.float64)
+    return insight_hits(argmax, generated, prompt_ids, needle_spans, strict).any(axis=0).astype(np.float64)
 
 
 SCORE_SCHEMA = pa.schema(

@@ -141,8 +141,32 @@ def make_synth(experiment: Experiment, store: RunStore):
     return make_synthesizer(experiment.synth, store.path("synth_cache"))
 
 
+def train_spec(experiment: Experiment, store: RunStore, run: Run, base_model: str, name: str | None = None,
+               out_dir: Path | None = None, **changes):
+    """The fine-tune of `run` as the experiment's train section sets it; `changes` override
+    settings (the probe's short tunes set max_steps), `name` and `out_dir` its place."""
+    from engine.train import TrainSpec
+
+    train = dataclasses.replace(cfg.train_config(experiment, run), **changes)
+    data = data_dir(store, run)
+    fields = {f.name for f in dataclasses.fields(TrainSpec)}
+    settings = {k: v for k, v in dataclasses.asdict(train).items() if k in fields}
+    return TrainSpec(
+        name=name or f"{run.task}/{run.label}",
+        base_model=base_model,
+        train_path=str(data / "train.parquet"),
+        val_path=str(data / "val.parquet"),
+        out_dir=str(out_dir or model_dir(store, run)),
+        rope_base=experiment.model.rope_base,
+        sliding_window=experiment.model.sliding_window,
+        seed=run.seed,
+        trust_remote_code=experiment.model.trust_remote_code,
+        **settings,
+    )
+
+
 def train_models(experiment: Experiment, store: RunStore, runs: Sequence[Run], base_model: str) -> None:
-    from engine.train import TrainSpec, train_all
+    from engine.train import train_all
 
     specs, keys = [], []
     for run in runs:
@@ -152,24 +176,7 @@ def train_models(experiment: Experiment, store: RunStore, runs: Sequence[Run], b
         if store.is_done(key, digest):
             continue
         require_done(store, f"data/{run.task}/{run.variant}", cfg.data_hash(experiment, run), "train", "data")
-        train = cfg.train_config(experiment, run)
-        data = data_dir(store, run)
-        fields = {f.name for f in dataclasses.fields(TrainSpec)}
-        settings = {k: v for k, v in dataclasses.asdict(train).items() if k in fields}
-        specs.append(
-            TrainSpec(
-                name=f"{run.task}/{run.label}",
-                base_model=base_model,
-                train_path=str(data / "train.parquet"),
-                val_path=str(data / "val.parquet"),
-                out_dir=str(model_dir(store, run)),
-                rope_base=experiment.model.rope_base,
-                sliding_window=experiment.model.sliding_window,
-                seed=run.seed,
-                trust_remote_code=experiment.model.trust_remote_code,
-                **settings,
-            )
-        )
+        specs.append(train_spec(experiment, store, run, base_model))
         keys.append((key, digest, model_dir(store, run)))
     if not specs:
         return
@@ -212,12 +219,32 @@ def pool_config(experiment: Experiment):
     )
 
 
+def eval_job(experiment: Experiment, name: str, model, task: str, data: Path, out: Path):
+    """A scored evaluation job with the experiment's evaluate and scoring settings."""
+    from engine.evaluate import EvalJob
+
+    e = experiment.evaluate
+    return EvalJob(
+        name=name,
+        model=model,
+        task=task,
+        data_path=str(data),
+        out_dir=str(out),
+        score_heads=True,
+        max_new_tokens=e.max_new_tokens,
+        batch_size=e.batch_size,
+        insight_strict=e.insight_strict,
+        limit=e.limit,
+        argmax_over=experiment.scoring.argmax_over,
+        count=experiment.scoring.count,
+    )
+
+
 def evaluate_models(experiment: Experiment, store: RunStore, runs: Sequence[Run], base_model: str) -> None:
     """Every model on the real task's evaluation set (F1) and on its own validation set (H_X)."""
-    from engine.evaluate import EvalJob, run_jobs
+    from engine.evaluate import run_jobs
 
     jobs, keys = [], []
-    e = experiment.evaluate
     for run in runs:
         for split in ("real", "own"):
             key, digest = f"evaluate/{run.task}/{run.label}/{split}", cfg.eval_hash(experiment, run, split)
@@ -231,20 +258,8 @@ def evaluate_models(experiment: Experiment, store: RunStore, runs: Sequence[Run]
                          "evaluate", "data")
             data = real_eval_path(store, run.task) if split == "real" else data_dir(store, run) / "val.parquet"
             out = eval_dir(store, run, split)
-            jobs.append(
-                EvalJob(
-                    name=f"{run.task}/{run.label}/{split}",
-                    model=model_ref(experiment, store, run, base_model),
-                    task=run.task,
-                    data_path=str(data),
-                    out_dir=str(out),
-                    score_heads=True,
-                    max_new_tokens=e.max_new_tokens,
-                    batch_size=e.batch_size,
-                    insight_strict=e.insight_strict,
-                    limit=e.limit,
-                )
-            )
+            jobs.append(eval_job(experiment, f"{run.task}/{run.label}/{split}",
+                                 model_ref(experiment, store, run, base_model), run.task, data, out))
             keys.append((key, digest, out))
     if not jobs:
         return
@@ -280,6 +295,7 @@ def run_knockouts(experiment: Experiment, store: RunStore, runs: Sequence[Run], 
             ks=k.ks,
             seeds=k.seeds,
             out_dir=str(out),
+            heads_from=heads_file(k.heads_from, "knockout.heads_from"),
             **decode_settings(experiment),
         )
         store.mark_done(key, digest, out)
@@ -315,14 +331,38 @@ def run_patchings(experiment: Experiment, store: RunStore, runs: Sequence[Run], 
             data_path=str(real_eval_path(store, run.task)),
             seeds=p.seeds,
             out_dir=str(out),
+            heads_from=heads_file(p.heads_from, "patching.heads_from"),
             **decode_settings(experiment),
         )
         store.mark_done(key, digest, out)
 
 
+def heads_file(path: str | None, key: str) -> str | None:
+    """An external head-score file named by the config, as an absolute path (actors and
+    re-runs resolve it the same way); an error naming the key when it does not exist."""
+    if path is None:
+        return None
+    resolved = Path(path).expanduser().resolve()
+    if not resolved.exists():
+        from engine.store import StoreError
+
+        raise StoreError(f"{key}: {path} does not exist")
+    return str(resolved)
+
+
+def heads_file_hash(path: str | None, key: str) -> str | None:
+    """What a stage reading `path` depends on: the file's contents, not its name alone."""
+    from analyses.interop import file_fingerprint
+
+    resolved = heads_file(path, key)
+    if resolved is None:
+        return None
+    return file_fingerprint(Path(resolved) / "head_scores.parquet" if Path(resolved).is_dir() else resolved)
+
+
 def knockout_hash(experiment: Experiment, run: Run) -> str:
     return cfg.content_hash(cfg.eval_hash(experiment, run, "own"), cfg.eval_hash(experiment, run, "real"),
-                            experiment.knockout)
+                            experiment.knockout, heads_file_hash(experiment.knockout.heads_from, "knockout.heads_from"))
 
 
 def patched(p: cfg.PatchingConfig, variant: str) -> bool:
@@ -344,20 +384,23 @@ def patch_source(experiment: Experiment, runs: Sequence[Run], run: Run) -> Run |
 
 def patching_hash(experiment: Experiment, run: Run, source: Run) -> str:
     return cfg.content_hash(*(cfg.eval_hash(experiment, r, s) for r in (run, source) for s in ("own", "real")),
-                            experiment.patching)
+                            experiment.patching, heads_file_hash(experiment.patching.heads_from, "patching.heads_from"))
 
 
 def write_reports(experiment: Experiment, store: RunStore, runs: Sequence[Run]) -> Path:
+    from analyses.intervals import run_intervals
     from analyses.overlap import run_overlap
+    from analyses.stability import run_stability
+    from analyses.steps import run_steps
     from engine.report import write_report
 
+    tasks = [t.name for t in experiment.tasks]
     labels = {t.name: [r.label for r in runs if r.task == t.name] for t in experiment.tasks}
-    run_overlap(
-        store.root,
-        tasks=[t.name for t in experiment.tasks],
-        variants=labels,
-        kind_by_task={t.name: head_kind(experiment, t.name) for t in experiment.tasks},
-    )
+    kinds = {t.name: head_kind(experiment, t.name) for t in experiment.tasks}
+    run_overlap(store.root, tasks=tasks, variants=labels, kind_by_task=kinds)
+    run_intervals(store.root, tasks, labels, kinds)
+    run_stability(store.root, tasks, labels, kinds)
+    run_steps(store.root, tasks, labels, kinds)
     return write_report(store.root, config_summary=cfg.to_dict(experiment))
 
 
@@ -384,7 +427,8 @@ def run_experiment(experiment: Experiment, stages: Sequence[str] = cfg.STAGES) -
     check_position_limit(experiment, base_model)
     store.save_config(resolved, experiment.name)
     clear_stale_temps(store.root)  # what killed runs left behind
-    timer = StageTimer(store)
+    write_json(run_provenance(experiment), store.path("provenance.json"))
+    timer = StageTimer(store, run_provenance(experiment))
     timer.record("base_model", time.perf_counter() - started)
     if experiment.model.path == "miniature":
         meta = Path(base_model) / "miniature.json"
@@ -415,16 +459,28 @@ def check_position_limit(experiment: Experiment, base_model: str) -> None:
                           f"{limit} positions the model can reach ({why}); valid: up to {limit}")
 
 
-class StageTimer:
-    """Wall seconds of each stage of this invocation, in `timings.json` (skipped stages take ~0)."""
 
-    def __init__(self, store: RunStore):
+def run_provenance(experiment: Experiment) -> dict:
+    """The provenance of a run (engine.provenance), with every seed its stages use."""
+    from engine.provenance import provenance
+
+    return provenance(seeds={"experiment": list(experiment.seeds), "knockout": list(experiment.knockout.seeds),
+                             "patching": list(experiment.patching.seeds)})
+
+
+class StageTimer:
+    """Wall seconds of each stage of this invocation, in `timings.json` (skipped stages take ~0),
+    with the provenance of the invocation."""
+
+    def __init__(self, store: RunStore, provenance: dict | None = None):
         self.path = store.path("timings.json")
         self.seconds: dict[str, float] = {}
+        self.provenance = provenance
 
     def record(self, stage: str, seconds: float) -> None:
         self.seconds[stage] = round(seconds, 1)
-        write_json({**self.seconds, "total": round(sum(self.seconds.values()), 1)}, self.path)
+        extra = {"provenance": self.provenance} if self.provenance else {}
+        write_json({**self.seconds, "total": round(sum(self.seconds.values()), 1), **extra}, self.path)
 
     @contextlib.contextmanager
     def __call__(self, stage: str):

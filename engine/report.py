@@ -26,9 +26,14 @@ from engine import artifacts as a
 from engine import figures
 from engine.artifacts import ReportError  # noqa: F401  (re-exported)
 from engine.findings import COMPETENCE_F1, compute_findings, knockout_tests, task_competence
+from engine.provenance import provenance
+from engine.report_stats import img as _img
+from engine.report_stats import intervals_md, md_table as _md_table, probe_md, provenance_md, stability_md, steps_md
+from engine.stats import RESAMPLES, SEED
 from engine.store import atomic_dir, write_text
 
 NOT_RUN = "_not run_"
+PROVENANCE = "provenance"  # the entry of findings.json that is not a finding
 
 
 def write_report(run_dir: str | Path, config_summary: Mapping | None = None) -> Path:
@@ -62,10 +67,18 @@ def _write_report(run: Path, out: Path, config_summary: Mapping | None) -> None:
     lines += ["## Knockout (Figure 3)", "", *_knockout_md(run, tasks, fig_dir)]
     lines += ["## Score heatmaps (Figures 6-9)", "", *_heatmaps_md(run, tasks, fig_dir)]
     lines += ["## Similarity vs F1 (Figure 4)", "", *_scatter_md(run, tasks, fig_dir)]
+    lines += ["## 95% bootstrap intervals", "", *intervals_md(run, tasks)]
+    lines += ["## Head-set stability", "", *stability_md(run, tasks, fig_dir)]
+    lines += ["## Per-step head sets", "", *steps_md(run, tasks, fig_dir)]
+    probe = probe_md(run)
+    if probe != [NOT_RUN, ""]:  # `needlework probe` is run on its own, not a stage of every run
+        lines += ["## Probe: ranking candidate datasets", "", *probe]
     lines += ["## Findings", "", *_competence_md(task_competence(run)), *_findings_md(findings)]
     if config_summary:
         lines += ["## Configuration", "", *_md_table(["key", "value"], _flatten(config_summary))]
-    write_text(json.dumps(_json_safe(findings), indent=2), out / "findings.json")
+    current = provenance(seeds={"bootstrap": SEED, "bootstrap_resamples": RESAMPLES})
+    lines += ["## Provenance", "", *provenance_md(run, current)]
+    write_text(json.dumps(_json_safe({**findings, PROVENANCE: current}), indent=2), out / "findings.json")
     write_text("\n".join(lines) + "\n", out / "report.md")
 
 
@@ -88,8 +101,9 @@ def print_summary(run_dir: str | Path, console: Console) -> None:
     table = Table(title="Findings")
     for column in ("finding", "status", "evidence"):
         table.add_column(column)
-    for f in findings.values():
-        table.add_row(f["claim"], f["status"], "\n".join(d["summary"] for d in f["details"]) or "-")
+    for key, f in findings.items():
+        if key != PROVENANCE:
+            table.add_row(f["claim"], f["status"], "\n".join(d["summary"] for d in f["details"]) or "-")
     console.print(table)
 
 
@@ -307,15 +321,3 @@ def _json_safe(x):
     if isinstance(x, list):
         return [_json_safe(v) for v in x]
     return None if isinstance(x, float) and math.isnan(x) else x
-
-
-def _md_table(header: list, rows: list[list]) -> list[str]:
-    def line(cells: list) -> str:
-        # A bare "|" inside a cell (as in |H_X|) would split it into two columns.
-        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
-
-    return [line(header), "|" + "---|" * len(header), *[line(row) for row in rows], ""]
-
-
-def _img(path: Path, fig_dir: Path, alt: str) -> str:
-    return f"![{alt}](figures/{path.relative_to(fig_dir).as_posix()})"

@@ -6,7 +6,12 @@ against unpatched heads) is between two models run on the same examples. Interva
 therefore paired bootstrap intervals over examples (scipy.stats.bootstrap, BCa when the
 sample allows it, percentile otherwise), tests are paired sign-flip permutation tests
 (scipy.stats.permutation_test), rank correlations carry a permutation p-value, and a sweep
-(knockout over k) is corrected with Benjamini-Hochberg (scipy.stats.false_discovery_control).
+(knockout over k) is corrected with Benjamini-Hochberg (scipy.stats.false_discovery_control). Per-head score intervals resample the examples of all
+heads at once (`column_intervals`); `bootstrap_interval` takes any statistic of independent
+samples. A share of heads (the recall of one head set in another) gets the Wilson interval of
+a proportion (`proportion_interval`): a head set is the support of a union over examples, a
+statistic the bootstrap does not estimate (a resample drops every head seen in one example
+only, so the bootstrap distribution can lie entirely beside the estimate).
 
 Example:
     >>> iv = mean_interval([1.0, 0.0, 1.0, 1.0])
@@ -138,12 +143,76 @@ def spearman_permutation(x: Sequence[float], y: Sequence[float], seed: int = SEE
     return RankCorrelation(float(rho(x)), float(res.pvalue), n)
 
 
-def _bootstrap(data: tuple, statistic, level: float, seed: int) -> tuple[float, float]:
+def column_intervals(values, level: float = LEVEL, seed: int = SEED) -> list[Interval]:
+    """The mean of every column of `values` (`[units, columns]`) with a bootstrap interval over
+    the units (rows), all columns resampled together (one scipy.stats.bootstrap call).
+
+    Rows holding a NaN are left out (for head scores: an example with no located answer span
+    counts for no head). A constant column has the zero-width interval at its value; BCa where it
+    is defined, percentile where it is not.
+    """
+    x = np.asarray(values, dtype=float)
+    if x.ndim != 2:
+        raise ValueError(f"column_intervals: expected [units, columns], got shape {x.shape}")
+    x = x[~np.isnan(x).any(axis=1)]
+    n, m = x.shape
+    if n == 0:
+        return [NAN_INTERVAL] * m
+    mean = x.mean(axis=0)
+    low, high = mean.copy(), mean.copy()
+    varied = ~np.all(x == x[0], axis=0)
+    if n > 1 and varied.any():
+        sub = x[:, varied]
+        got = np.full((2, sub.shape[1]), np.nan)
+        batch = max(1, 2_000_000 // (sub.shape[1] * n))  # resamples per step: ~16 MB at a time
+        for method in ("BCa", "percentile"):
+            todo = np.isnan(got).any(axis=0)
+            if not todo.any():
+                break
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                res = stats.bootstrap((sub[:, todo],), np.mean, axis=0, vectorized=True, n_resamples=RESAMPLES,
+                                      confidence_level=level, method=method, random_state=seed, batch=batch)
+            got[0, todo], got[1, todo] = res.confidence_interval.low, res.confidence_interval.high
+        low[varied], high[varied] = got
+    return [Interval(float(e), float(lo), float(hi), int(n), level) for e, lo, hi in zip(mean, low, high)]
+
+
+def proportion_interval(k: int, n: int, level: float = LEVEL) -> Interval:
+    """k of n with the Wilson score interval (scipy.stats.binomtest); NaN when n is 0."""
+    if n == 0:
+        return NAN_INTERVAL
+    ci = stats.binomtest(int(k), int(n)).proportion_ci(confidence_level=level, method="wilson")
+    return Interval(k / n, float(ci.low), float(ci.high), int(n), level)
+
+
+def bootstrap_interval(samples: Sequence, statistic, level: float = LEVEL, seed: int = SEED,
+                       vectorized: bool = False, batch: int | None = None,
+                       methods: tuple[str, ...] = ("BCa", "percentile")) -> Interval:
+    """Any statistic of one or more independent samples, with a bootstrap interval.
+
+    Each sample is resampled on its own (units of different samples are not paired).
+    `statistic(*resampled)` gets the resampled arrays; for statistics of grouped data, pass
+    the units' indices as samples and index inside `statistic`. A `vectorized` statistic takes
+    `axis` and arrays with resamples along the leading axes (scipy.stats.bootstrap's contract),
+    `batch` resamples at a time. `methods` are tried in turn until one gives an interval.
+    """
+    samples = tuple(np.asarray(s) for s in samples)
+    estimate = float(statistic(*samples, axis=-1) if vectorized else statistic(*samples))
+    n = int(sum(s.shape[0] for s in samples))
+    if any(s.shape[0] < 2 for s in samples):
+        return Interval(estimate, math.nan, math.nan, n, level)
+    low, high = _bootstrap(samples, statistic, level, seed, vectorized=vectorized, batch=batch, methods=methods)
+    return Interval(estimate, low, high, n, level)
+
+
+def _bootstrap(data: tuple, statistic, level: float, seed: int, vectorized: bool = False,
+               batch: int | None = None, methods: tuple[str, ...] = ("BCa", "percentile")) -> tuple[float, float]:
     """(low, high) of a bootstrap interval: BCa, or percentile where BCa is undefined."""
-    for method in ("BCa", "percentile"):
+    for method in methods:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            res = stats.bootstrap(data, statistic, vectorized=False, n_resamples=RESAMPLES,
+            res = stats.bootstrap(data, statistic, vectorized=vectorized, n_resamples=RESAMPLES, batch=batch,
                                   confidence_level=level, method=method, random_state=seed)
         low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
         if not (math.isnan(low) or math.isnan(high)):

@@ -223,7 +223,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(result, out)
+    from engine.provenance import provenance
+
+    write_json({**result, "provenance": provenance()}, out)
     return result
 
 

@@ -204,7 +204,9 @@ def main() -> None:
                   f"same work in 2 plain processes over 1: {', '.join(f'{c:.2f}' for c in result['bare_two_over_one'])}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(result, out)
+    from engine.provenance import provenance
+
+    write_json({**result, "provenance": provenance()}, out)
 
 
 if __name__ == "__main__":

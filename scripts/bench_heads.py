@@ -224,7 +224,9 @@ def main(argv=None) -> dict:
                    "method": "peak RSS (VmHWM, reset via /proc/self/clear_refs) minus RSS before the pass, "
                              "fresh subprocess per length, MALLOC_MMAP_THRESHOLD_=65536"},
     }
-    write_json(result, args.out)
+    from engine.provenance import provenance
+
+    write_json({**result, "provenance": provenance()}, args.out)
 
     table = Table(title="inline head scoring")
     for column in ("metric", "value", "goal", "detail"):

@@ -130,7 +130,9 @@ def main() -> None:
     for key, value in results.items():
         table.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
     console.print(table)
-    write_json(results, args.out)
+    from engine.provenance import provenance
+
+    write_json({**results, "provenance": provenance()}, args.out)
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -52,6 +52,7 @@ def test_calibration_is_measured_and_plans_use_it(ray_cluster, tiny_checkpoints,
     # durations of real work: positive whatever the machine's speed (t(16 new tokens) holds t(1)'s work and more)
     assert all(measured[k] > 0 for k in ("train_s_per_token", "prefill_s_per_token", "decode_s_per_token", "load_s"))
     assert measured["train_startup_s"] >= 0
+    assert measured["provenance"]["torch_threads"] >= 1 and measured["provenance"]["git"]["commit"]
 
     table = estimate_experiment(exp, plan(exp))
     assert any(line.startswith("per-token costs: measured:") for line in table.inputs)

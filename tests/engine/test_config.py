@@ -322,3 +322,23 @@ def test_bad_limited_variants_give_one_clear_error(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message) as err:
         load_experiment(path, overrides=[override])
     assert str(path) in str(err.value)
+
+
+def test_scoring_readings_default_to_the_papers_and_key_the_evaluation(tmp_path):
+    path = write(tmp_path, YAML)
+    exp = load_experiment(path)
+    assert (exp.scoring.argmax_over, exp.scoring.count) == ("all", "unique")
+    run = expand(exp)[0]
+    prompt_only = load_experiment(path, overrides=["scoring.argmax_over=prompt"])
+    repeats = load_experiment(path, overrides=["scoring.count=repeats"])
+    hashes = {eval_hash(e, run, "own") for e in (exp, prompt_only, repeats)}
+    assert len(hashes) == 3  # each reading is its own evaluation
+    assert train_hash(exp, run) == train_hash(repeats, run)  # and trains nothing anew
+    with pytest.raises(ConfigError, match=r"exp.yaml: scoring.argmax_over: 'keys' is not one of all, prompt"):
+        load_experiment(path, overrides=["scoring.argmax_over=keys"])
+    with pytest.raises(ConfigError, match=r"exp.yaml: scoring.count: 'twice' is not one of unique, repeats"):
+        load_experiment(path, overrides=["scoring.count=twice"])
+    with pytest.raises(ConfigError, match=r"scoring: unknown key 'argmax'"):
+        load_experiment(path, overrides=["scoring.argmax=all"])
+    heads = load_experiment(path, overrides=["knockout.heads_from=theirs.json", "patching.heads_from=q.yaml"])
+    assert (heads.knockout.heads_from, heads.patching.heads_from) == ("theirs.json", "q.yaml")

@@ -25,6 +25,7 @@ def test_build_writes_splits_and_stats(tmp_path):
     # the fixture has 4 questions, one unusable; the shared file is split by hash into train / eval
     assert counts["train"] + counts["val"] + counts["eval"] == 3
     assert stats == dataset_stats(out) == json.loads((out / "stats.json").read_text())
+    assert stats["provenance"]["seeds"] == {"data": 0} and stats["provenance"]["git"]["commit"]
     assert sum(stats["dropped"]["train"].values()) + sum(stats["dropped"].get("eval", {}).values()) > 0
     rows = from_table(pq.read_table(out / "train.parquet", schema=SCHEMA))
     assert all(r.n_tokens <= 1500 for r in rows)

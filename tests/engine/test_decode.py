@@ -40,8 +40,10 @@ def model(family):
     return tiny_model(family)
 
 
-def eager_argmax(family: str, prompt_ids: list[int], generated: list[int], **overrides):
-    """Reference `[steps, layer, head]`: argmax over prompt keys of eager attention weights."""
+def eager_argmax(family: str, prompt_ids: list[int], generated: list[int], over: str = "prompt", **overrides):
+    """Reference `[steps, layer, head]`: argmax of eager attention weights (T x T, test only) over
+    the prompt keys (`over="prompt"`) or over every key up to the query (`over="all"`), as a
+    position in the unpadded sequence."""
     eager = tiny_model(family, attn_implementation="eager", **overrides)
     steps = len(generated)
     sequence = torch.tensor([prompt_ids + generated[: steps - 1]])
@@ -50,15 +52,17 @@ def eager_argmax(family: str, prompt_ids: list[int], generated: list[int], **ove
     n_prompt = len(prompt_ids)
     out = np.empty((steps, len(attentions), attentions[0].shape[1]), dtype=np.int64)
     for layer, weights in enumerate(attentions):
-        rows = weights[0, :, n_prompt - 1 : n_prompt - 1 + steps, :n_prompt]  # [head, step, prompt]
+        keys = n_prompt if over == "prompt" else weights.shape[-1]  # later keys carry 0 (causal mask)
+        rows = weights[0, :, n_prompt - 1 : n_prompt - 1 + steps, :keys]  # [head, step, key]
         best = rows.argmax(-1).T.numpy()
         out[:, layer] = np.where(rows.max(-1).values.T.numpy() > 0, best, -1)
     return out, attentions, n_prompt
 
 
-def test_inline_argmax_matches_eager_attention(family, model, tok):
+@pytest.mark.parametrize("over", ["all", "prompt"])
+def test_inline_argmax_matches_eager_attention(family, model, tok, over):
     decoded = greedy_decode(
-        model, tok, PROMPTS, max_new_tokens=16, spans=SPANS, batch_size=3, keep_argmax=True
+        model, tok, PROMPTS, max_new_tokens=16, spans=SPANS, batch_size=3, keep_argmax=True, argmax_over=over
     )
     checked = ties = 0
     for prompt, result in zip(PROMPTS, decoded):
@@ -66,31 +70,39 @@ def test_inline_argmax_matches_eager_attention(family, model, tok):
         generated = list(result.token_ids)
         if len(result.argmax) > len(generated):  # the step that produced EOS is scored too
             generated.append(tok.eos_token_id)
-        reference, attentions, n_prompt = eager_argmax(family, prompt_ids, generated)
+        reference, attentions, n_prompt = eager_argmax(family, prompt_ids, generated, over=over)
         assert result.argmax.shape == reference.shape
         for step, layer, head in zip(*np.nonzero(result.argmax != reference)):
             # only an exact tie in the weights may pick a different position
-            row = attentions[layer][0, head, n_prompt - 1 + step, :n_prompt]
+            row = attentions[layer][0, head, n_prompt - 1 + step]
+            row = row[:n_prompt] if over == "prompt" else row
             assert abs(row[result.argmax[step, layer, head]] - row.max()) < 1e-6, (step, layer, head)
             ties += 1
         checked += reference.size
     assert ties <= checked // 100
-    if family == "mistral":  # window 12 < 16 steps: late steps see no prompt key at all
-        assert (decoded[0].argmax == -1).any()
-        assert (decoded[0].argmax[0] >= 0).all()
+    first = decoded[0].argmax
+    if over == "all":  # later queries see their own and earlier generated tokens, and look there
+        assert (first >= len(tok(PROMPTS[0])["input_ids"])).any()
+        assert (first >= 0).all()
+    if family == "mistral" and over == "prompt":  # window 12 < 16 steps: late steps see no prompt key
+        assert (first == -1).any()
+        assert (first[0] >= 0).all()
 
 
-def scores_by_hand(argmax, generated, prompt_ids, answer, needles, strict=False):
-    """Eq. 1 and Eq. 2 by plain loops over steps, layers and heads."""
+def scores_by_hand(argmax, generated, prompt_ids, answer, needles, strict=False, count="unique"):
+    """Eq. 1 and Eq. 2 by plain loops over steps, layers and heads; `count="repeats"` adds
+    1/|span| at every retrieving step (Wu et al.'s code), "unique" counts each position once."""
     steps, n_layers, n_heads = argmax.shape
     retrieval = np.full((n_layers, n_heads), np.nan) if not answer else np.zeros((n_layers, n_heads))
     insight = np.full((n_layers, n_heads), np.nan) if not needles else np.zeros((n_layers, n_heads))
     for layer in range(n_layers):
         for head in range(n_heads):
             for start, end in answer:
-                got = {argmax[t, layer, head] for t in range(steps)
-                       if start <= argmax[t, layer, head] < end and prompt_ids[argmax[t, layer, head]] == generated[t]}
-                retrieval[layer, head] = max(retrieval[layer, head], len(got) / (end - start))
+                steps_hit = [argmax[t, layer, head] for t in range(steps)
+                             if start <= argmax[t, layer, head] < end
+                             and prompt_ids[argmax[t, layer, head]] == generated[t]]
+                got = len(steps_hit) if count == "repeats" else len(set(steps_hit))
+                retrieval[layer, head] = max(retrieval[layer, head], got / (end - start))
             if needles:
                 insight[layer, head] = float(any(
                     s <= argmax[t, layer, head] < e and (not strict or prompt_ids[argmax[t, layer, head]] == generated[t])
@@ -99,34 +111,68 @@ def scores_by_hand(argmax, generated, prompt_ids, answer, needles, strict=False)
     return retrieval, insight
 
 
-COPY_PROMPTS = ("xyz qqqqqqqq abc q", "ab qq kqq cd qq zz q")
+# The third prompt's answer span covers the whole prompt, so that even heads whose global argmax
+# looks at the generated "q"s first retrieve in prefill (the first step sees only the prompt).
+COPY_PROMPTS = ("xyz qqqqqqqq abc q", "ab qq kqq cd qq zz q", "q q q q q q q q q")
 COPY_SPANS = (
     ScoreSpans(answer_spans=((4, 8), (8, 12)), needle_spans=((13, 16),)),
     ScoreSpans(answer_spans=((3, 5), (6, 9)), needle_spans=((0, 2), (13, 15))),
+    ScoreSpans(answer_spans=((0, 16),), needle_spans=((0, 9),)),
 )
 
 
 @pytest.mark.parametrize("strict", [False, True])
-def test_scores_from_eager_reference_and_char_offsets(family, tok, strict):
-    """Scores equal Eq. 1/2 computed by hand from the eager argmax (char tokenizer: token i = char i).
+@pytest.mark.parametrize("over,count", [("all", "unique"), ("prompt", "unique"), ("all", "repeats"),
+                                        ("prompt", "repeats")])
+def test_scores_from_eager_reference_and_char_offsets(family, tok, strict, over, count):
+    """Scores equal Eq. 1/2 computed by hand from the eager argmax (char tokenizer: token i = char i),
+    under each reading: argmax over all keys or the prompt, positions counted once or per step.
 
     Tied embeddings make a random model repeat its last input token ("q"), which also occurs
     in the answer spans (repeatedly) and outside them, so heads do retrieve.
     """
     model = tiny_model(family, tie_word_embeddings=True)
-    decoded = greedy_decode(model, tok, COPY_PROMPTS, max_new_tokens=8, spans=COPY_SPANS, batch_size=2,
-                            keep_argmax=True, insight_strict=strict)
+    decoded = greedy_decode(model, tok, COPY_PROMPTS, max_new_tokens=8, spans=COPY_SPANS, batch_size=3,
+                            keep_argmax=True, insight_strict=strict, argmax_over=over, count=count)
+    differs = []
     for prompt, spans, result in zip(COPY_PROMPTS, COPY_SPANS, decoded):
         prompt_ids = tok(prompt)["input_ids"]
         generated = list(result.token_ids) + [tok.eos_token_id] * (len(result.argmax) - len(result.token_ids))
-        reference, _, _ = eager_argmax(family, prompt_ids, generated, tie_word_embeddings=True)
+        reference, _, _ = eager_argmax(family, prompt_ids, generated, over=over, tie_word_embeddings=True)
         retrieval, insight = scores_by_hand(reference, generated, prompt_ids, spans.answer_spans,
-                                            spans.needle_spans, strict)
+                                            spans.needle_spans, strict, count)
         np.testing.assert_allclose(result.retrieval, retrieval)
         np.testing.assert_allclose(result.insight, insight)
+        other, _ = scores_by_hand(reference, generated, prompt_ids, spans.answer_spans, spans.needle_spans,
+                                  strict, "unique" if count == "repeats" else "repeats")
+        differs.append(bool((other != retrieval).any()))
+        # the per-step events behind the scores: a head that scores retrieved at some step
+        assert result.retrieval_hits.shape == reference.shape
+        np.testing.assert_array_equal(result.retrieval_hits.any(axis=0), result.retrieval > 0)
+        np.testing.assert_array_equal(result.insight_hits.any(axis=0), result.insight > 0)
     assert decoded[0].text.startswith("q")
     assert any((d.retrieval > 0).any() for d in decoded)
     assert any(((d.retrieval > 0) & (d.retrieval < 1)).any() for d in decoded)
+    # the prompts tell the readings apart: some head retrieves one position at several steps
+    assert any(differs), "no head retrieved a position twice: the test cannot tell the counts apart"
+
+
+def test_readings_differ_on_the_same_decode(family, tok):
+    """The same greedy decode scored four ways: "repeats" never scores below "unique", and
+    "all" retrieves only where "prompt" does at the same argmax (a step whose global argmax is a
+    generated token retrieves nothing)."""
+    model = tiny_model(family, tie_word_embeddings=True)
+    runs = {(over, count): greedy_decode(model, tok, COPY_PROMPTS, max_new_tokens=8, spans=COPY_SPANS,
+                                         batch_size=3, keep_argmax=True, argmax_over=over, count=count)
+            for over in ("all", "prompt") for count in ("unique", "repeats")}
+    for i in range(len(COPY_PROMPTS)):
+        assert len({runs[key][i].token_ids for key in runs}) == 1  # scoring never changes the answer
+        for over in ("all", "prompt"):
+            assert (runs[(over, "repeats")][i].retrieval >= runs[(over, "unique")][i].retrieval).all()
+        same = runs[("all", "unique")][i].argmax == runs[("prompt", "unique")][i].argmax
+        hits_all, hits_prompt = runs[("all", "unique")][i].retrieval_hits, runs[("prompt", "unique")][i].retrieval_hits
+        np.testing.assert_array_equal(hits_all[same], hits_prompt[same])
+        assert not hits_all[~same].any()  # different argmax: the global one is a generated token
 
 
 def test_batched_left_padding_equals_one_by_one(family, model, tok):

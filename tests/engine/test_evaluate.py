@@ -107,6 +107,32 @@ def test_pool_matches_in_process_decoding(setup, undisturbed):
     assert summary["f1"] == pytest.approx(np.mean([mdqa.score(d.text, e)["f1"] for e, d in zip(examples, ref)]))
 
 
+def test_per_example_scores_step_hits_and_provenance_are_kept(setup, undisturbed):
+    """head_examples.parquet holds what in-process decoding gives per example: scores and the
+    per-step hits; summary.json names the commit that computed it."""
+    import json
+    import subprocess
+
+    rows = pq.read_table(setup["root"] / "plain" / "head_examples.parquet").to_pylist()
+    assert [r["id"] for r in rows] == [e.id for e in setup["examples"]]
+    for row, ref in zip(rows, setup["ref"]):
+        np.testing.assert_allclose(np.reshape(row["retrieval"], (2, 4)), ref.retrieval)
+        np.testing.assert_allclose(np.reshape(row["insight"], (2, 4)), ref.insight)
+        assert row["n_steps"] == len(ref.retrieval_hits)
+        for kind, hits in (("retrieval", ref.retrieval_hits), ("insight", ref.insight_hits)):
+            flat = np.zeros(hits.size, dtype=bool)
+            flat[row[f"{kind}_hits"]] = True
+            np.testing.assert_array_equal(flat.reshape(hits.shape), hits)
+    assert any(r["retrieval_hits"] for r in rows)  # some head retrieved: the comparison has teeth
+    assert not (setup["root"] / "ko" / "head_examples.parquet").exists()  # knockout runs are not scored
+    summary = json.loads((setup["root"] / "plain" / "summary.json").read_text())
+    commit = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"], capture_output=True,
+                            text=True, check=True).stdout.strip()
+    assert summary["provenance"]["git"]["commit"] == commit
+    assert summary["provenance"]["actor_torch_threads"] == 1
+    assert summary["scoring"] == {"argmax_over": "all", "count": "unique", "insight_strict": False}
+
+
 def test_rerun_skips_existing_shards(setup, undisturbed, ray_cluster):
     out = setup["root"] / "resume"
     shutil.copytree(setup["root"] / "plain", out)

@@ -13,10 +13,12 @@ from engine.heads import (
     HeadError,
     Knockout,
     Patch,
+    insight_hits,
     insight_scores,
     knockout,
     patch_heads,
     record_heads,
+    retrieval_hits,
     retrieval_scores,
     score_table,
 )
@@ -58,6 +60,40 @@ def test_retrieval_takes_best_of_several_spans():
     argmax = one_head(7, 8, 2)  # all of span (7, 9), one of three in span (2, 5)
     assert retrieval_scores(argmax, generated, PROMPT, [(2, 5), (7, 9)])[0, 0] == pytest.approx(1.0)
     assert retrieval_scores(argmax, generated, PROMPT, [(2, 5)])[0, 0] == pytest.approx(1 / 3)
+
+
+def test_retrieval_repeats_reading_counts_every_step():
+    """Wu et al.'s code adds 1/|span| at every retrieving step: repeats count, scores pass 1."""
+    generated = np.array([20, 20, 20, 21])
+    argmax = one_head(2, 2, 3, 4)  # position 2 twice, then 3 and 4: four retrieving steps
+    assert retrieval_scores(argmax, generated, PROMPT, [(2, 5)], count="repeats")[0, 0] == pytest.approx(4 / 3)
+    assert retrieval_scores(argmax, generated, PROMPT, [(2, 5)], count="unique")[0, 0] == pytest.approx(3 / 3)
+    # best span under repeats: span (7, 9) gets one step of two positions, span (2, 5) two of three
+    argmax, generated = one_head(7, 2, 2), np.array([22, 20, 20])
+    assert retrieval_scores(argmax, generated, PROMPT, [(2, 5), (7, 9)], count="repeats")[0, 0] == pytest.approx(2 / 3)
+    with pytest.raises(HeadError, match="count must be one of"):
+        retrieval_scores(argmax, generated, PROMPT, [(2, 5)], count="twice")
+
+
+def test_argmax_on_a_generated_token_retrieves_nothing():
+    """Under the global argmax, positions past the prompt are generated tokens: never in y*."""
+    generated = np.array([20, 20, 20])
+    argmax = one_head(10, 12, 2)  # PROMPT has 10 tokens: 10 and 12 are the 1st and 3rd generated
+    assert retrieval_scores(argmax, generated, PROMPT, [(2, 5)])[0, 0] == pytest.approx(1 / 3)
+    np.testing.assert_array_equal(retrieval_hits(argmax, generated, PROMPT, [(2, 5)])[:, 0, 0], [False, False, True])
+    np.testing.assert_array_equal(insight_hits(argmax, generated, PROMPT, [(0, 10)])[:, 0, 0], [False, False, True])
+    assert insight_scores(one_head(10, 11), generated[:2], PROMPT, [(0, 10)])[0, 0] == 0.0
+
+
+def test_hits_are_the_events_behind_the_scores():
+    generated = np.array([20, 21])
+    argmax = np.array([[[2, 0], [9, 4]], [[3, 4], [-1, 4]]])  # [steps=2, layers=2, heads=2]
+    hits = retrieval_hits(argmax, generated, PROMPT, [(2, 5)])
+    # step 0 emits 20: (0,0)->2 holds 20; (1,1)->4 holds 21. step 1 emits 21: (0,1)->4 and (1,1)->4 hold 21
+    np.testing.assert_array_equal(hits, [[[True, False], [False, False]], [[False, True], [False, True]]])
+    np.testing.assert_array_equal(insight_hits(argmax, generated, PROMPT, [(2, 5)]),
+                                  [[[True, False], [False, True]], [[True, True], [False, True]]])
+    assert retrieval_hits(argmax, generated, PROMPT, []).sum() == 0
 
 
 def test_retrieval_without_span_is_not_counted():

@@ -12,6 +12,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -87,7 +88,7 @@ def test_every_stage_writes_its_artifacts(finished_run):
     assert {(r["k"], r["selection"]) for r in knock} >= {(1, "top"), (1, "random"), (2, "top")}
     timings = json.loads((run_dir / "timings.json").read_text())
     stages = ["base_model", "data", "train", "evaluate", "knockout", "patching", "report"]
-    assert set(timings) == {*stages, "total"}, timings
+    assert set(timings) == {*stages, "total", "provenance"}, timings
     assert all(timings[s] >= 0 for s in stages) and all(timings[s] > 0 for s in ("data", "train", "evaluate")), timings
     assert timings["total"] == pytest.approx(sum(timings[s] for s in stages), abs=0.1)
     text = report.read_text()
@@ -183,3 +184,134 @@ def test_killed_driver_resumes_to_the_same_results(finished_run, tmp_path):
                 "eval/mdqa/base/real/predictions.parquet", "knockout/mdqa/real/knockout.parquet"):
         got, want = pq.read_table(run_dir / rel), pq.read_table(reference_dir / rel)
         assert got.to_pylist() == want.to_pylist(), rel
+
+
+# ----------------------------------------------------------------------------- heads, probe
+
+
+def own_scores(run_dir: Path, variant: str) -> dict:
+    rows = pq.read_table(run_dir / f"eval/mdqa/{variant}/own/head_scores.parquet").to_pylist()
+    return {(r["layer"], r["head"]): r["score"] for r in rows if r["kind"] == "retrieval"}
+
+
+def test_heads_cli_exports_compares_and_measures_the_run(finished_run, tmp_path, capsys):
+    from engine.cli import main
+
+    _, run_dir, _ = finished_run
+    real_dir, hl_dir = run_dir / "eval/mdqa/real/own", run_dir / "eval/mdqa/hl/own"
+    # per-example scores average to the stage's head scores
+    examples = pq.read_table(real_dir / "head_examples.parquet").to_pylist()
+    per_example = np.array([r["retrieval"] for r in examples], dtype=float)
+    means = own_scores(run_dir, "real")
+    np.testing.assert_allclose(np.nanmean(per_example, axis=0), [means[h] for h in sorted(means)])
+
+    assert main(["heads", "export", str(real_dir), str(tmp_path / "real.json"), "--kind", "retrieval"]) == 0
+    (line,) = (tmp_path / "real.json").read_text().splitlines()  # one line, as Retrieval_Head writes it
+    exported = json.loads(line)
+    assert list(exported) == [f"{l}-{h}" for l, h in sorted(means)]  # layer-major, every head
+    assert {k: np.mean(v) for k, v in exported.items()} == pytest.approx(
+        {f"{l}-{h}": s for (l, h), s in means.items()})
+
+    assert main(["heads", "compare", str(hl_dir), str(real_dir), "--kind", "retrieval",
+                 "--json", str(tmp_path / "cmp.json")]) == 0
+    result = json.loads((tmp_path / "cmp.json").read_text())
+    cell = next(r for r in pq.read_table(run_dir / "overlap/mdqa/recall.parquet").to_pylist()
+                if r["row"] == "hl" and r["column"] == "real")
+    assert result["recall_b_in_a"] == pytest.approx(cell["recall"], nan_ok=True)  # the overlap stage's recall
+    assert (result["n_a"], result["n_b"], result["n_intersection"]) == (cell["n_row"], cell["n_column"],
+                                                                        cell["n_intersection"])
+    assert result["provenance"]["git"]["commit"]
+    assert main(["heads", "compare", str(tmp_path / "real.json"), str(real_dir), "--kind", "retrieval"]) == 0
+    assert "recall of B's heads in A" in capsys.readouterr().out
+
+    assert main(["heads", "stability", str(run_dir), "--draws", "20"]) == 0
+    rows = pq.read_table(run_dir / "overlap/mdqa/stability.parquet").to_pylist()
+    full = [r for r in rows if r["variant"] == "real" and r["n_examples"] == r["n_total"]]
+    assert full and full[0]["jaccard_mean"] == 1.0 and full[0]["heads_all"] == sum(s > 0 for s in means.values())
+    assert (run_dir / "report/figures/stability_mdqa.png").read_bytes()[:4] == b"\x89PNG"
+
+    assert main(["heads", "steps", str(run_dir), "--task", "mdqa"]) == 0
+    steps = pq.read_table(run_dir / "overlap/mdqa/steps.parquet").to_pylist()
+    for variant in {r["variant"] for r in steps}:
+        h_x = sum(s > 0 for s in own_scores(run_dir, variant).values())
+        assert {r["heads_all"] for r in steps if r["variant"] == variant} == {h_x}
+    assert (run_dir / "report/figures/steps_mdqa.png").is_file()
+    assert main(["heads", "show", str(real_dir), "--kind", "retrieval", "--top", "3"]) == 0
+
+    assert main(["heads", "compare", str(tmp_path / "nowhere.json"), str(real_dir)]) == 2
+    assert "nowhere.json: no such head-score file" in capsys.readouterr().err
+
+
+def copied_run(finished_run, tmp_path) -> tuple[Path, Path]:
+    """A copy of the finished run to change without touching the module's run."""
+    import shutil
+
+    path, run_dir, _ = finished_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    return path, copy
+
+
+def test_knockout_and_patching_take_heads_from_a_published_list(finished_run, tmp_path):
+    path, copy = copied_run(finished_run, tmp_path)
+    qrhead = tmp_path / "qr_head.yaml"
+    qrhead.write_text('attn_head_set: "0-3,0-1"\nmodel_base_class: "tiny"\n')  # QRHead's format
+    exp = load_experiment(path, overrides=[f"run_dir={copy}", f"knockout.heads_from={qrhead}",
+                                           f"patching.heads_from={qrhead}", "patching.variants=[hl]"])
+    run_experiment(exp, stages=("knockout", "patching"))
+    rows = pq.read_table(copy / "knockout/mdqa/real/knockout.parquet").to_pylist()
+    top = {r["k"]: r["heads"] for r in rows if r["selection"] == "top"}
+    assert top == {0: [], 1: ["0.3"], 2: ["0.1", "0.3"]}
+    assert all(not set(r["heads"]) & set(top[r["k"]]) for r in rows if r["selection"] == "random")
+    h_hl = {h for h, s in own_scores(copy, "hl").items() if s > 0}
+    listed = {(0, 3), (0, 1)}
+    patch = pq.read_table(copy / "patching/mdqa/hl/patching.parquet").to_pylist()
+    assert {(r["size_inter"], r["size_compl"]) for r in patch} == {(len(listed & h_hl), len(listed - h_hl))}
+    # the file's contents key the stage: the same name with another list is knockout still to run
+    assert next(r for r in plan(exp) if r["stage"] == "knockout")["done"]
+    qrhead.write_text('attn_head_set: "0-1,0-3"\n')
+    assert not next(r for r in plan(exp) if r["stage"] == "knockout")["done"]
+
+
+def test_probe_ranks_candidates_by_short_tunes(finished_run, tmp_path, capsys):
+    from scipy import stats as sp
+
+    from engine.cli import main
+
+    path, copy = copied_run(finished_run, tmp_path)
+    assert main(["probe", str(path), f"run_dir={copy}", "--steps", "1"]) == 0
+    assert "Spearman rho with the full fine-tunes' F1" in capsys.readouterr().out
+    rows = pq.read_table(copy / "probe/probe.parquet").to_pylist()
+    candidates = [*LIMITED, "hl"]
+    assert sorted(r["variant"] for r in rows) == sorted(candidates) and {r["steps"] for r in rows} == {1}
+    real = {h for h, s in own_scores(copy, "real").items() if s > 0}
+    for r in rows:
+        probe_dir = copy / "probe/eval/mdqa" / r["variant"] / "steps1"
+        assert (copy / "probe/models/mdqa" / r["variant"] / "steps1/adapter_model.safetensors").is_file()
+        scores = pq.read_table(probe_dir / "head_scores.parquet").to_pylist()
+        h_probe = {(s["layer"], s["head"]) for s in scores if s["kind"] == "retrieval" and s["score"] > 0}
+        assert r["recall"] == pytest.approx(len(h_probe & real) / len(real) if real else float("nan"), nan_ok=True)
+        full = pq.read_table(copy / f"eval/mdqa/{r['variant']}/real/predictions.parquet")["f1"].to_numpy()
+        assert r["full_f1"] == pytest.approx(full.mean())
+        probe_preds = pq.read_table(probe_dir / "predictions.parquet")
+        real_val = pq.read_table(copy / "data/mdqa/real/val.parquet")
+        assert probe_preds["id"].to_pylist() == real_val["id"].to_pylist()  # scored on the real validation data
+        assert r["steps_fraction"] == pytest.approx(1 / 2)  # the full fine-tune: max_steps 2
+    corr = {c["predictor"]: c for c in pq.read_table(copy / "probe/correlation.parquet").to_pylist()}
+    assert set(corr) == {"recall", "cosine", "probe_f1"} and all(c["n"] == 3 for c in corr.values())
+    by_variant = sorted(rows, key=lambda r: r["variant"])
+    x, y = [r["probe_f1"] for r in by_variant], [r["full_f1"] for r in by_variant]
+    want = sp.spearmanr(x, y).statistic if len(set(x)) > 1 and len(set(y)) > 1 else float("nan")
+    assert corr["probe_f1"]["rho"] == pytest.approx(want, nan_ok=True)
+    assert json.loads((copy / "probe/probe.json").read_text())["provenance"]["git"]["commit"]
+    assert "## Probe: ranking candidate datasets" in write_report_text(copy)
+    before = {k: v["finished"] for k, v in RunStore(copy).manifest().items() if k.startswith("probe/")}
+    assert len(before) == 6  # three short tunes, three scorings
+    assert main(["probe", str(path), f"run_dir={copy}", "--steps", "1"]) == 0
+    assert {k: v["finished"] for k, v in RunStore(copy).manifest().items() if k.startswith("probe/")} == before
+
+
+def write_report_text(run_dir: Path) -> str:
+    from engine.report import write_report
+
+    return write_report(run_dir).read_text()

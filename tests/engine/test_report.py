@@ -1,5 +1,6 @@
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,10 @@ import pytest
 from matplotlib import image as mpimg
 from rich.console import Console
 
+from analyses.intervals import run_intervals
 from analyses.overlap import KIND_BY_TASK, run_overlap
+from analyses.stability import run_stability
+from analyses.steps import run_steps
 from engine.report import compute_findings, print_summary, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -25,6 +29,9 @@ SECTIONS = (
     "## Knockout (Figure 3)",
     "## Score heatmaps (Figures 6-9)",
     "## Similarity vs F1 (Figure 4)",
+    "## 95% bootstrap intervals",
+    "## Head-set stability",
+    "## Per-step head sets",
     "## Findings",
 )
 
@@ -44,14 +51,33 @@ def ones(f1: float, n: int = N_EXAMPLES) -> list[float]:
     return [1.0] * k + [0.0] * (n - k)
 
 
+def write_examples(path: Path, heads: dict, kind: str) -> None:
+    """head_examples.parquet of four examples whose mean is each head's score: 1.5 s, 0.5 s, 1.5 s,
+    0.5 s; a head with s > 0 has its event at step 0 of even examples and step 1 of odd ones."""
+    grid = np.array([[heads.get((l, h), 0.0) for h in range(N_HEADS)] for l in range(N_LAYERS)])
+    rows = []
+    for i, factor in enumerate((1.5, 0.5, 1.5, 0.5)):
+        hits = np.zeros((2, N_LAYERS, N_HEADS), dtype=bool)
+        hits[i % 2] = grid > 0
+        values = (grid * factor).ravel().tolist()
+        rows.append({"index": i, "id": f"{i:03d}", "n_layers": N_LAYERS, "n_heads": N_HEADS,
+                     "retrieval": values if kind == "retrieval" else None,
+                     "insight": values if kind == "insight" else None, "n_steps": 2,
+                     "retrieval_hits": np.flatnonzero(hits).tolist() if kind == "retrieval" else None,
+                     "insight_hits": np.flatnonzero(hits).tolist() if kind == "insight" else None})
+    write(path, rows)
+
+
 def write_eval(run: Path, task: str, variant: str, f1: float, heads: dict, kind: str,
                per_example: list[float] | None = None) -> None:
-    """Head scores and predictions; per-example F1 `per_example`, or two examples f1 -/+ 0.05."""
+    """Head scores (and the per-example scores behind them) and predictions; per-example F1
+    `per_example`, or two examples f1 -/+ 0.05."""
     scores = [
         {"layer": l, "head": h, "kind": kind, "score": heads.get((l, h), 0.0), "n_examples": 4} for l, h in HEADS
     ]
     for split in ("own", "real"):
         write(run / "eval" / task / variant / split / "head_scores.parquet", scores)
+    write_examples(run / "eval" / task / variant / "own" / "head_examples.parquet", heads, kind)
     values = per_example if per_example is not None else [f1 - 0.05, f1 + 0.05]
     preds = [{"id": f"{i:03d}", "prediction": "a", "f1": v, "em": 0.0, "n_tokens": 2} for i, v in enumerate(values)]
     write(run / "eval" / task / variant / "real" / "predictions.parquet", preds)
@@ -98,6 +124,10 @@ def make_run(run: Path, knockout: bool = True, patching: bool = True) -> Path:
         write_patching(run, "mdqa", "ll", 0.3, {"inter": [0.15, 0.2], "compl": [0.05], "random": [0.05, 0.0, 0.05]})
         write_patching(run, "mdqa", "symbolic", 0.2, {"inter": [0.25], "compl": [0.1], "random": [0.05]})
     run_overlap(run, ["mdqa", "summhay"], list(F1), KIND_BY_TASK)
+    variants = {t: list(F1) for t in ("mdqa", "summhay")}
+    run_intervals(run, ["mdqa", "summhay"], variants, KIND_BY_TASK)
+    run_stability(run, ["mdqa", "summhay"], variants, KIND_BY_TASK)
+    run_steps(run, ["mdqa", "summhay"], variants, KIND_BY_TASK)
     return run
 
 
@@ -112,7 +142,8 @@ def test_report_renders_every_section_and_valid_figures(tmp_path):
         assert heading in text, heading
     assert "not run" not in text
     links = re.findall(r"!\[[^\]]*\]\((figures/[^)]+\.png)\)", text)
-    names = ("heatmap_mdqa", "heatmap_summhay", "knockout_mdqa_real", "similarity_mdqa", "similarity_summhay")
+    names = ("heatmap_mdqa", "heatmap_summhay", "knockout_mdqa_real", "similarity_mdqa", "similarity_summhay",
+             "stability_mdqa", "stability_summhay", "steps_mdqa", "steps_summhay")
     expected = {f"figures/{n}.png" for n in names}
     assert set(links) == expected
     on_disk = {f"figures/{p.name}" for p in (run / "report" / "figures").iterdir()}
@@ -131,7 +162,13 @@ def test_report_renders_every_section_and_valid_figures(tmp_path):
     row = next(line for line in text.splitlines() if line.startswith("| 4 | 0.200 |"))
     assert row.startswith(f"| 4 | 0.200 | 0.717 ± {np.std([0.7, 0.75, 0.7], ddof=1):.3f} | 3 | 0.517 [")
     findings = json.loads((run / "report" / "findings.json").read_text())
+    provenance = findings.pop("provenance")
     assert [f["status"] for f in findings.values()] == ["reproduced"] * 4
+    commit = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"], capture_output=True,
+                            text=True, check=True).stdout.strip()
+    assert provenance["git"]["commit"] == commit and provenance["seeds"] == {"bootstrap": 0, "bootstrap_resamples": 4000}
+    assert f"| this report | {provenance['created']} | {commit[:12]}" in text
+    assert "## Probe" not in text  # `needlework probe` was not run here
 
 
 def test_absent_stages_render_not_run(tmp_path):

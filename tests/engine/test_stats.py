@@ -74,3 +74,49 @@ def test_spearman_permutation_is_exact_over_all_pairings():
 def test_spearman_undefined_cases_keep_n():
     assert spearman_permutation([1, 2], [2, 1]).n == 2 and math.isnan(spearman_permutation([1, 2], [2, 1]).rho)
     assert math.isnan(spearman_permutation([1, 1, 1], [1, 2, 3]).p_value)
+
+
+def test_column_intervals_equal_one_interval_per_column():
+    """All heads resampled in one scipy call give each column the interval `mean_interval` gives it
+    alone (the same resampled rows); constant columns get zero width; NaN rows count for none."""
+    from engine.stats import column_intervals
+
+    rng = np.random.default_rng(1)
+    x = rng.uniform(size=(25, 5))
+    x[:, 1] = 0.0
+    x[:, 3] = rng.uniform(size=25) > 0.8
+    x = np.vstack([x, np.full((1, 5), math.nan)])
+    got = column_intervals(x)
+    for j, iv in enumerate(got):
+        want = mean_interval(x[:-1, j])
+        assert iv.n == 25 and iv.estimate == pytest.approx(want.estimate)
+        assert (iv.low, iv.high) == pytest.approx((want.low, want.high), abs=1e-9)
+    assert (got[1].low, got[1].high) == (0.0, 0.0)
+    with pytest.raises(ValueError, match=r"expected \[units, columns\]"):
+        column_intervals(np.zeros(3))
+
+
+def test_proportion_interval_is_wilsons_by_hand():
+    from engine.stats import proportion_interval
+
+    k, n, z = 7, 10, sp.norm.ppf(0.975)
+    center = (k + z * z / 2) / (n + z * z)
+    half = z / (n + z * z) * math.sqrt(k * (n - k) / n + z * z / 4)
+    iv = proportion_interval(k, n)
+    assert iv.estimate == 0.7 and iv.n == 10
+    assert (iv.low, iv.high) == pytest.approx((center - half, center + half))
+    assert math.isnan(proportion_interval(0, 0).estimate)
+
+
+def test_bootstrap_interval_of_a_two_sample_statistic_matches_the_normal_approximation():
+    from engine.stats import bootstrap_interval
+
+    a, b = np.r_[np.ones(150), np.zeros(150)], np.r_[np.ones(60), np.zeros(240)]  # 0.5 and 0.2
+    iv = bootstrap_interval((a, b), lambda x, y: np.mean(x) - np.mean(y))
+    half = 1.96 * math.sqrt(0.25 / 300 + 0.16 / 300)
+    assert iv.estimate == pytest.approx(0.3) and iv.n == 600
+    assert iv.low == pytest.approx(0.3 - half, abs=0.01) and iv.high == pytest.approx(0.3 + half, abs=0.01)
+    vectorized = bootstrap_interval((a, b), lambda x, y, axis=-1: np.mean(x, axis=axis) - np.mean(y, axis=axis),
+                                    vectorized=True)
+    assert (vectorized.low, vectorized.high) == pytest.approx((iv.low, iv.high), abs=1e-9)
+    assert math.isnan(bootstrap_interval(([1.0], [0.0, 1.0]), lambda x, y: np.mean(x)).low)
