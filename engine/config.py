@@ -42,13 +42,17 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class ModelConfig:
     name: str
-    path: str  # local dir, hub id, or "miniature" (the engine pretrains the bundled base model)
+    # local dir, hub id, "miniature" (the engine pretrains the bundled base model), or a model that
+    # `needlework models fetch` knows (engine.model_sources.SOURCES, e.g. smollm2-135m-instruct)
+    path: str
     rope_base: float | None = None  # the raised base used for every fine-tune and evaluation
     sliding_window: int | None = None
     max_context: int = 32768
     dtype: str = "auto"  # "auto": bfloat16 on GPU, float32 on CPU
     trust_remote_code: bool = False
     attn_implementation: str | None = None
+    # prompt (and train) through the tokenizer's chat template; None: when the tokenizer has one
+    chat_template: bool | None = None
 
 
 @dataclass(frozen=True)

@@ -104,6 +104,7 @@ class EvalJob:
         batch_size: prompts per forward pass.
         insight_strict: the token-match reading of Eq. 2.
         limit: evaluate only the first `limit` examples.
+        chat_template: prompt through the tokenizer's chat template (`engine.chat`).
     """
 
     name: str
@@ -119,6 +120,7 @@ class EvalJob:
     batch_size: int = 4
     insight_strict: bool = False
     limit: int | None = None
+    chat_template: bool = False
 
     def __post_init__(self):
         if self.knockout is not None and self.patch_source is not None:
@@ -225,6 +227,7 @@ def evaluate_shard(
         spans=spans,
         intervention=intervention,
         insight_strict=job.insight_strict,
+        chat_template=job.chat_template,
     )
     rows = []
     for offset, (example, out) in enumerate(zip(examples, decoded)):

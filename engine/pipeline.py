@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import time
 from pathlib import Path
@@ -49,14 +50,38 @@ def eval_dir(store: RunStore, run: Run, split: str) -> Path:
 
 
 def base_model_path(experiment: Experiment, show_progress: bool = True) -> str:
-    """The base model: a local path or hub id, or the bundled miniature (pretrained once, cached)."""
+    """The base model: a local path or hub id, a fetchable model (fetched once, cached), or the
+    bundled miniature (pretrained once, cached)."""
     if experiment.model.path != "miniature":
-        local = Path(experiment.model.path)
+        from engine.model_sources import resolve_model
+
+        local = Path(resolve_model(experiment.model.path))
         # A local checkpoint by absolute path (workers run elsewhere); anything else is a hub id.
         return str(local.resolve()) if local.exists() else experiment.model.path
     from engine.miniature import ensure_base_model
 
     return str(ensure_base_model(experiment.miniature, progress=show_progress))
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer_has_template(base_model: str, trust_remote_code: bool) -> bool:
+    from engine.chat import has_chat_template
+    from engine.models import load_tokenizer
+
+    return has_chat_template(load_tokenizer(base_model, trust_remote_code=trust_remote_code))
+
+
+def chat_template(experiment: Experiment, base_model: str) -> bool:
+    """Whether prompts go through the tokenizer's chat template: `model.chat_template`, or by
+    default whether the tokenizer has one."""
+    has = _tokenizer_has_template(base_model, experiment.model.trust_remote_code)
+    wanted = experiment.model.chat_template
+    if wanted and not has:
+        from engine.models import ModelError
+
+        raise ModelError(f"{experiment.source_file}: model.chat_template is true, but the tokenizer of "
+                         f"{base_model} has no chat template")
+    return has if wanted is None else wanted
 
 
 def head_kind(experiment: Experiment, task: str) -> str:
@@ -147,6 +172,7 @@ def train_models(experiment: Experiment, store: RunStore, runs: Sequence[Run], b
                 sliding_window=experiment.model.sliding_window,
                 seed=run.seed,
                 trust_remote_code=experiment.model.trust_remote_code,
+                chat_template=chat_template(experiment, base_model),
                 **settings,
             )
         )
@@ -172,11 +198,11 @@ def model_ref(experiment: Experiment, store: RunStore, run: Run, base_model: str
     )
 
 
-def decode_settings(experiment: Experiment) -> dict:
+def decode_settings(experiment: Experiment, base_model: str) -> dict:
     """The decoding settings knockout and patching share with the evaluation stage."""
     e = experiment.evaluate
     return dict(pool=pool_config(experiment), batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
-                limit=e.limit)
+                limit=e.limit, chat_template=chat_template(experiment, base_model))
 
 
 def pool_config(experiment: Experiment):
@@ -217,6 +243,7 @@ def evaluate_models(experiment: Experiment, store: RunStore, runs: Sequence[Run]
                     batch_size=e.batch_size,
                     insight_strict=e.insight_strict,
                     limit=e.limit,
+                    chat_template=chat_template(experiment, base_model),
                 )
             )
             keys.append((key, digest, out))
@@ -251,7 +278,7 @@ def run_knockouts(experiment: Experiment, store: RunStore, runs: Sequence[Run], 
             ks=k.ks,
             seeds=k.seeds,
             out_dir=str(out),
-            **decode_settings(experiment),
+            **decode_settings(experiment, base_model),
         )
         store.mark_done(key, digest, out)
 
@@ -282,7 +309,7 @@ def run_patchings(experiment: Experiment, store: RunStore, runs: Sequence[Run], 
             data_path=str(real_eval_path(store, run.task)),
             seeds=p.seeds,
             out_dir=str(out),
-            **decode_settings(experiment),
+            **decode_settings(experiment, base_model),
         )
         store.mark_done(key, digest, out)
 
