@@ -193,5 +193,7 @@ def test_knockout_of_retrieval_heads_breaks_pass_key_retrieval(model, tok):
 
     intact, top = accuracy(()), accuracy(ranking[:5])
     controls = [accuracy(random_heads(ranking, 5, seed)) for seed in (0, 1, 2)]
-    assert intact == 1.0 and all(c == 1.0 for c in controls)
-    assert top <= 0.25, (top, ranking[:5])
+    measured = dict(intact=intact, top5=top, random5=controls, top_heads=ranking[:5])
+    assert intact == 1.0, measured
+    # 5 of the 270 heads: the top 5 retrieval heads break the copy, 5 random others do not
+    assert top <= 0.25 and min(controls) >= 0.75 and np.mean(controls) >= 0.9, measured
