@@ -143,6 +143,7 @@ def knockout_jobs(
     max_new_tokens: int | None = None,
     limit: int | None = None,
     heads_from: str | None = None,
+    chat_template: bool = False,
 ) -> list[KnockoutRun]:
     """The knockout sweep as evaluation jobs (no head scoring), top and random per k.
 
@@ -171,6 +172,7 @@ def knockout_jobs(
             max_new_tokens=max_new_tokens,
             batch_size=batch_size,
             limit=limit,
+            chat_template=chat_template,
         )
 
     runs = []
@@ -199,13 +201,15 @@ def run_knockout(
     batch_size: int = 4,
     max_new_tokens: int | None = None,
     limit: int | None = None,
+    chat_template: bool = False,
     show_progress: bool = True,
     scorer=None,
     heads_from: str | None = None,
 ) -> pa.Table:
     """Runs the knockout sweep on one actor pool and writes `<out_dir>/knockout.parquet`.
 
-    Args: as `knockout_jobs`, plus `pool` (actor resources), `show_progress` and `scorer`
+    Args: as `knockout_jobs` (`chat_template` as `engine.evaluate.EvalJob`), plus `pool` (actor
+    resources), `show_progress` and `scorer`
     (a task-like object instead of the task registry, see `engine.evaluate.run_jobs`).
 
     Returns:
@@ -214,6 +218,7 @@ def run_knockout(
     runs = knockout_jobs(
         model=model, task=task, head_scores=head_scores, kind=kind, data_path=data_path, ks=ks, seeds=seeds,
         out_dir=out_dir, batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit, heads_from=heads_from,
+        chat_template=chat_template,
     )
     summaries = run_jobs([r.job for r in runs], pool, show_progress=show_progress, scorer=scorer)
     table = pa.Table.from_pylist(

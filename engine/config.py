@@ -74,13 +74,17 @@ def each(limits: dict) -> dict:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str
-    path: str  # local dir, hub id, or "miniature" (the engine pretrains the bundled base model)
+    # local dir, hub id, "miniature" (the engine pretrains the bundled base model), or a model that
+    # `needlework models fetch` knows (engine.model_sources.SOURCES, e.g. smollm2-135m-instruct)
+    path: str
     rope_base: float | None = field(default=None, metadata=above(0))  # the raised base of every fine-tune and evaluation
     sliding_window: int | None = field(default=None, metadata=at_least(1))
     max_context: int = field(default=32768, metadata=at_least(2))
     dtype: str = field(default="auto", metadata=one_of(*DTYPES))  # "auto": bfloat16 on GPU, float32 on CPU
     trust_remote_code: bool = False
     attn_implementation: str | None = None
+    # prompt (and train) through the tokenizer's chat template; None: when the tokenizer has one
+    chat_template: bool | None = None
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,10 @@ Example:
     ...                     spans=[ScoreSpans(answer_spans=((3, 6),), needle_spans=())])
     >>> out[0].text, out[0].retrieval.shape        # ('4', (n_layers, n_heads))
 
-Prompts are raw strings (no chat template), tokenized with the tokenizer's default special
-tokens, left padded within a batch; batches group prompts of similar length.
+Prompts are raw strings, tokenized with the tokenizer's default special tokens, or, with
+`chat_template=True`, rendered through the tokenizer's chat template (`engine.chat`; spans shift
+with the prompt, and the template supplies its own special tokens); left padded within a
+batch; batches group prompts of similar length.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from engine.chat import render_prompt, shift_spans
 from engine.heads import (
     ARGMAX_KWARG,
     ARGMAX_OVER,
@@ -135,6 +138,7 @@ def greedy_decode(
     keep_argmax: bool = False,
     argmax_over: str = "all",
     count: str = "unique",
+    chat_template: bool = False,
 ) -> list[Decoded]:
     """Greedily continues each prompt until EOS, a stop string or `max_new_tokens`.
 
@@ -160,6 +164,8 @@ def greedy_decode(
         keep_argmax: also return the per-step argmax behind the scores (needs `spans`).
         argmax_over: "all" (the paper's reading) or "prompt".
         count: "unique" (the paper's Eq. 1) or "repeats" (Wu et al.'s code).
+        chat_template: prompt through the tokenizer's chat template (the prompt is the user
+            turn); the argmax then indexes the rendered prompt's tokens.
 
     Returns:
         One `Decoded` per prompt, in input order.
@@ -189,7 +195,9 @@ def greedy_decode(
     if not prompts:
         return []
 
-    encoded = tokenizer(prompts, return_offsets_mapping=scored, add_special_tokens=True)
+    rendered = [render_prompt(tokenizer, p) for p in prompts] if chat_template else None
+    texts = [r.text for r in rendered] if rendered else prompts
+    encoded = tokenizer(texts, return_offsets_mapping=scored, add_special_tokens=not chat_template)
     ids = [list(x) for x in encoded["input_ids"]]
     empty = [i for i, x in enumerate(ids) if not x]
     if empty:
@@ -202,8 +210,9 @@ def greedy_decode(
                     if not 0 <= start <= end <= len(prompt):
                         raise DecodeError(f"prompt {i}: {name} ({start}, {end}) outside the prompt (length {len(prompt)})")
             offsets = encoded["offset_mapping"][i]
-            answer_tok[i] = token_spans(offsets, example_spans.answer_spans)
-            needle_tok[i] = token_spans(offsets, example_spans.needle_spans)
+            shift = rendered[i].offset if rendered else 0
+            answer_tok[i] = token_spans(offsets, shift_spans(example_spans.answer_spans, shift))
+            needle_tok[i] = token_spans(offsets, shift_spans(example_spans.needle_spans, shift))
 
     eos = eos_token_ids(model, tokenizer)
     # longest first: similar lengths share a batch, so little padding

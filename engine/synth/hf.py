@@ -52,7 +52,8 @@ class HFGenerator:
         self.tokenizer.padding_side = "left"  # decoder-only batches pad on the left
         dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
         # safetensors only: a pickle checkpoint could run code while it loads
-        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, use_safetensors=True).to(self.device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, use_safetensors=True)
+        self.model = self.model.to(self.device).eval()
         self.max_tokens = max_tokens
         self.temperature = temperature
         self.top_p = top_p
@@ -112,12 +113,15 @@ class HFBackend:
 
         if not chats:
             return []
+        from engine.model_sources import resolve_model
+
         c = self.config
         rows = [{"index": i, "chat": json.dumps(chat), "seed": int(s)} for i, (chat, s) in enumerate(zip(chats, seeds))]
         ds = ray.data.from_items(rows).map_batches(
             HFGenerator,
             fn_constructor_kwargs=dict(
-                model=c.model, max_tokens=c.max_tokens, temperature=c.temperature, top_p=c.top_p
+                # a fetchable model by name (smollm2-135m-instruct) is its cached checkpoint
+                model=resolve_model(c.model), max_tokens=c.max_tokens, temperature=c.temperature, top_p=c.top_p
             ),
             batch_size=c.batch_size,
             compute=ray.data.ActorPoolStrategy(size=c.concurrency),

@@ -136,3 +136,37 @@ def test_hf_generator_loads_safetensors_only(tmp_path):
     char_tokenizer().save_pretrained(tmp_path)
     with pytest.raises(OSError, match="safetensors"):
         HFGenerator(str(tmp_path), max_tokens=4, temperature=0.0, top_p=1.0)
+
+
+@pytest.mark.slow
+def test_real_llm_writes_needles_through_ray_actors_validated_and_cached(ray_cluster, tmp_path):
+    """SmolLM2-135M-Instruct (fetched by scripts/setup.sh) writes MDQA `hl` needle paragraphs."""
+    import random
+
+    from engine.model_sources import resolve_model
+    from tasks import fiction
+
+    rng = random.Random(0)
+    opts = dict(fiction.OPTIONS_DEFAULTS)
+    reqs = []
+    for i, (entity, value) in enumerate([("Velorin Abbey", "Drathis Kell"), ("Mount Quessa", "Orlan Vey")]):
+        facts = [fiction.Fact(entity, "founder", value), fiction.Fact(entity, "location", "Tarsk")]
+        reqs.append(fiction.paragraph_request(rng, entity, facts, opts, seed=i, answer=value))
+    cfg = SynthConfig(backend="hf", model="smollm2-135m-instruct", temperature=0, max_tokens=120, batch_size=2)
+    synth = Synthesizer(cfg, tmp_path / "cache", show_progress=False)
+    texts = run_with_timeout(lambda: synth.generate(reqs), seconds=1800)
+
+    # reference: the same greedy generation in this process, validated by the kind's check
+    direct = HFGenerator(resolve_model("smollm2-135m-instruct"), max_tokens=120, temperature=0, top_p=1.0)
+    verdicts = [check(r, raw) for r, raw in zip(reqs, direct.generate([build_chat(r) for r in reqs], [0, 1]))]
+    assert texts == [v.text if v.ok else r.template for v, r in zip(verdicts, reqs)]
+    written = [t for t, v in zip(texts, verdicts) if v.ok]
+    assert written, "the model wrote no valid paragraph"
+    for text in written:
+        parsed = fiction.parse_paragraph(text)
+        assert parsed is not None and text not in [r.template for r in reqs]
+    report = synth.report
+    assert report["valid_first_try"] == len(written) and report["fallback"] == len(reqs) - len(written)
+    again = Synthesizer(cfg, tmp_path / "cache", show_progress=False)
+    again.backend = _Forbidden()
+    assert again.generate(reqs) == texts and again.report["cache_hits"] == len(reqs)
