@@ -30,12 +30,13 @@ EXTENSION_MARGIN = 0.30  # F1(real-data fine-tune) - F1(base) at 4L, per task
 _DOCUMENT = re.compile(r"Document \[\d+\]")
 
 
-def held_out_examples(tokenizer, sources: dict, context: int, n: int, seed: int) -> dict[str, list]:
+def held_out_examples(tokenizer, sources: dict, context: int, n: int, seed: int,
+                      tasks: tuple[str, ...] = TASKS) -> dict[str, list]:
     """Per task, up to `n` evaluation-split examples of the real variant at `context` tokens."""
     from tasks import get_task
 
     out = {}
-    for task in TASKS:
+    for task in tasks:
         result = get_task(task).build("real", sources=sources[task], options=TASK_OPTIONS[task], tokenizer=tokenizer,
                                       target_tokens=context - 16, n=n, seed=seed, split="eval")
         out[task] = result.examples
