@@ -670,39 +670,6 @@ def test_the_recipe_file_is_the_default_recipe():
     assert load_recipe(Path(__file__).parents[2] / "experiments" / "miniature.yaml") == MiniatureSpec()
 
 
-def shipped_meta() -> dict:
-    return json.loads((pretrain_module.SHIPPED / "miniature.json").read_text())
-
-
-def test_the_shipped_base_is_the_default_recipe_and_passed_its_gates():
-    """The repository's base model and the default recipe cannot drift apart: the shipped
-    base records the recipe it was pretrained from, and every gate passed."""
-    meta = shipped_meta()
-    default = MiniatureSpec()
-    assert meta["spec_hash"] == spec_hash(default)
-    identity = {k: v for k, v in dataclasses.asdict(default).items() if k not in pretrain_module.NOT_IDENTITY}
-    recorded = {k: v for k, v in meta["spec"].items() if k not in pretrain_module.NOT_IDENTITY}
-    assert recorded == json.loads(json.dumps(identity))  # tuples recorded as JSON lists
-    assert pretrain_module.shipped_base(default) == pretrain_module.SHIPPED
-    assert meta["gates"]["passed"] and not (pretrain_module.SHIPPED / "sources").exists()
-
-
-def test_the_shipped_base_gives_its_recorded_mdqa_answers(tmp_path):
-    """Decoding the gate's held-out MDQA prompts again (sources rendered from the recorded
-    recipe, weights from the repository) gives exactly the answers the gate recorded."""
-    from engine.miniature.gates import answer_scores, held_out_examples
-    from engine.models import load_model, load_tokenizer
-
-    meta, shipped = shipped_meta(), pretrain_module.SHIPPED
-    spec = MiniatureSpec()
-    tokenizer = load_tokenizer(str(shipped))
-    tokenizer.padding_side = "left"
-    examples = held_out_examples(tokenizer, sources_of(shipped, cache_dir=tmp_path), spec.context,
-                                 spec.check_probes, spec.seed + 1, tasks=("mdqa",))["mdqa"]
-    got = answer_scores(load_model(str(shipped)), tokenizer, examples, "mdqa")
-    recorded = meta["gates"]["answers"]["mdqa"]
-    assert got == {k: recorded[k] for k in got}
-
 
 def test_head_dim_widens_heads_without_changing_the_residual_width(tokenizer):
     from transformers import LlamaForCausalLM
@@ -760,4 +727,3 @@ def test_the_demo_uses_the_task_options_and_rope_range_the_base_learned():
         assert dict(task.options) == TASK_OPTIONS[task.name], task.name
         assert task.target_tokens == 4 * spec.context
     assert spec.rope_base < demo.model.rope_base <= spec.rope_base * spec.rope_jitter
-    assert spec == MiniatureSpec()  # the shipped recipe
