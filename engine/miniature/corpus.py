@@ -198,9 +198,23 @@ class PretrainingMix:
         self.batch_size, self.phase1, self.phase1_length = batch_size, phase1, min(phase1_length, context)
         self.ramp, self.lm_share = ramp, lm_share
         self.n_batches = -(-size // batch_size)
+        for kind, weight in zip(KINDS, self.weights):
+            if kind in TASKS and weight > 0 and self._drill(kind, random.Random(f"{seed}/fits/{kind}")) is None:
+                raise ValueError(f"miniature.context {context}: no {kind} drill fits in {context} tokens "
+                                 f"({self.DRILL_TRIES} draws); give it weight 0 in miniature.mix or a longer context")
 
     def __len__(self) -> int:
         return self.size
+
+    DRILL_TRIES = 200
+
+    def _drill(self, kind: str, rng: random.Random):
+        """A drill of `kind` at the full length: the first of `DRILL_TRIES` draws that fits, or None."""
+        for _ in range(self.DRILL_TRIES):
+            made = drill(kind, rng, self.world, self.tokenizer, self.context)
+            if made is not None:
+                return made
+        return None
 
     def batch_plan(self, batch: int) -> tuple[str, int]:
         """(kind, length) shared by every item of `batch`."""
@@ -234,9 +248,10 @@ class PretrainingMix:
         elif kind in TASKS:
             # A drill needs room for its documents and questions: when a draw does not fit,
             # the next draws take the full length (the batch is padded to its longest item).
-            made = drill(kind, rng, self.world, self.tokenizer, length)
-            while made is None:
-                made = drill(kind, rng, self.world, self.tokenizer, self.context)
+            made = drill(kind, rng, self.world, self.tokenizer, length) or self._drill(kind, rng)
+            if made is None:
+                raise RuntimeError(f"pretraining mix item {i}: no {kind} drill fit in {self.context} tokens "
+                                   f"in {self.DRILL_TRIES} draws")
             ids, labels = made
             if rng.random() < self.lm_share:
                 labels = list(ids)

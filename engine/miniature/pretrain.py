@@ -73,7 +73,7 @@ class MiniatureSpec:
             rest, and the saved model, keep `rope_base`. A large model tolerates a raised base
             at its own length; a tiny one with few frequency pairs does not unless trained to
             (see `rope_jitter_callback`).
-        rope_jitter_from: the first jittered step (default: the end of phase 1). Jitter while
+        rope_jitter_from: the first jittered step (None: the end of phase 1). Jitter while
             the skills form slows them (measured: copy at L 0.22 against 0.84 at step 3,000);
             jitter over the last steps keeps them and makes them robust to a raised base.
         lm_share: share of drill and QA sequences trained with next-token loss on every token

@@ -275,7 +275,8 @@ def test_a_failed_run_is_one_line_and_exit_code_1(capsys, tmp_path, monkeypatch)
         model: {{name: mini, path: miniature, rope_base: 40000, max_context: 512}}
         miniature: {{n_layers: 1, n_heads: 2, n_kv_heads: 1, hidden: 32, intermediate: 64, context: 64, steps: 3,
                     phase1_steps: 2, batch_size: 4, warmup_steps: 1, qa_per_task: 3, min_accuracy: 0.99,
-                    check_probes: 4, threads: 1}}
+                    check_probes: 4, threads: 1,
+                    mix: [0.5, 0.1, 0.2, 0.0, 0.0, 0.2], on_failed_check: warn}}
         tasks:
           mdqa: {{variants: [real], n_train: 4, n_eval: 2, target_tokens: 160}}
     """))

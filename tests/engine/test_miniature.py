@@ -37,7 +37,8 @@ SMALL = SourceSizes(mdqa_train=30, mdqa_eval=10, mdqa_pool=20, musique_train=20,
 # A recipe small enough for a test; it cannot do the tasks, so it keeps its model with a warning.
 TINY = MiniatureSpec(n_layers=1, n_heads=2, n_kv_heads=1, head_dim=None, hidden=32, intermediate=64, context=64,
                      steps=3, phase1_steps=2, batch_size=4, warmup_steps=1, qa_per_task=3, min_accuracy=0.0,
-                     check_probes=4, threads=1, rope_jitter=1.0, on_failed_check="warn")
+                     check_probes=4, threads=1, rope_jitter=1.0, on_failed_check="warn",
+                     mix=(0.5, 0.1, 0.2, 0.0, 0.0, 0.2))  # no MuSiQue or SummHay drill fits in 64 tokens
 pytestmark = pytest.mark.filterwarnings("ignore:the miniature pretrained from this recipe")
 
 
@@ -410,6 +411,16 @@ def test_drills_fit_their_length_or_say_none(task, prompt_tokenizer):
             assert made is None or len(made[0]) <= length
 
 
+def test_a_mix_whose_drill_cannot_fit_its_context_is_refused(prompt_tokenizer, world):
+    """No MuSiQue drill (three hop paragraphs and their questions) fits in 64 tokens: the mix
+    says so when it is built instead of drawing forever."""
+    musique_only = (0.0, 0.0, 0.0, 1.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match=r"miniature.context 64: no musique drill fits in 64 tokens"):
+        PretrainingMix(prompt_tokenizer, [], 64, 8, 0, weights=musique_only, world=world)
+    mix = PretrainingMix(prompt_tokenizer, [], 192, 8, 0, weights=musique_only, world=world)
+    assert all(len(mix[i]["input_ids"]) <= 192 for i in range(8))
+
+
 def test_lm_share_puts_loss_on_every_token_of_drills_and_prompts(tokenizer, world):
     qa = [([tokenizer.bos_token_id] + [7] * 60, 50)] * 5
     weights = (0.2, 0.0, 0.2, 0.2, 0.2, 0.2)
@@ -693,7 +704,7 @@ def test_rope_jitter_trains_at_raised_bases_after_phase_one_and_restores_the_bas
 
     from transformers import LlamaForCausalLM
 
-    spec = MiniatureSpec(**{**TINY.__dict__, "phase1_steps": 3, "rope_jitter": 8.0})
+    spec = MiniatureSpec(**{**TINY.__dict__, "phase1_steps": 3, "rope_jitter": 8.0, "rope_jitter_from": None})
     model = LlamaForCausalLM(pretrain_module.llama_config(spec, tokenizer))
     jitter = pretrain_module.rope_jitter_callback(spec)
     head_dim = spec.hidden // spec.n_heads
