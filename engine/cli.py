@@ -44,10 +44,10 @@ RUN_FAILURES = {"engine.pool": "PoolError", "engine.train": "TrainError", "engin
                 "engine.miniature.pretrain": "MiniatureError"}
 
 
-def _experiment(args):
+def _experiment(args, check_sources: bool = True):
     from engine.config import load_experiment
 
-    return load_experiment(args.experiment, overrides=args.overrides)
+    return load_experiment(args.experiment, overrides=args.overrides, check_sources=check_sources)
 
 
 def cmd_validate(args) -> int:
@@ -62,7 +62,7 @@ def cmd_validate(args) -> int:
 def cmd_plan(args) -> int:
     from engine.pipeline import plan
 
-    exp = _experiment(args)
+    exp = _experiment(args, check_sources=False)  # what a run would cost, before its data is downloaded
     rows = plan(exp)
     table = Table(title=f"{exp.name}: {exp.resolved_run_dir()}")
     for col in ("task", "run", "stage", "resources", "hash", "done"):

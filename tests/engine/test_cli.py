@@ -170,7 +170,7 @@ def test_data_build_bad_flags_are_one_line_each_and_leave_no_out(capsys, tmp_pat
     good = build_args(tok, out)
     cases = [
         (replace_flag(good, "--task", "mdqaa"),
-         "data build: --task: unknown task 'mdqaa'; valid tasks: ['mdqa', 'musique', 'summhay']"),
+         "data build: --task: unknown task 'mdqaa'; valid tasks: ['mdqa', 'musique', 'needle', 'summhay']"),
         (replace_flag(good, "--variant", "hx"),
          "data build: --variant: unknown variant 'hx'; valid: real, real_limited, hh, hl, lh, ll, symbolic, base"),
         (swap(good, f"train={NQ}", str(NQ)),
@@ -275,15 +275,14 @@ def test_a_failed_run_is_one_line_and_exit_code_1(capsys, tmp_path, monkeypatch)
         model: {{name: mini, path: miniature, rope_base: 40000, max_context: 512}}
         miniature: {{n_layers: 1, n_heads: 2, n_kv_heads: 1, hidden: 32, intermediate: 64, context: 64, steps: 3,
                     phase1_steps: 2, batch_size: 4, warmup_steps: 1, qa_per_task: 3, min_accuracy: 0.99,
-                    check_probes: 4, threads: 1,
-                    mix: [0.5, 0.1, 0.2, 0.0, 0.0, 0.2], on_failed_check: warn}}
+                    check_probes: 4, threads: 1, mix: [0.5, 0.1, 0.2, 0.0, 0.0, 0.2]}}
         tasks:
           mdqa: {{variants: [real], n_train: 4, n_eval: 2, target_tokens: 160}}
     """))
     code, _, err = run_cli(capsys, "run", path)
-    assert code == 1 and err.startswith("failed: miniature pretraining (3 steps) copies at random depths with "
-                                        "accuracy "), err
-    assert "Traceback" not in err and "< 0.99 at its own length 64" in err.splitlines()[0]
+    assert code == 1 and err.splitlines()[0] == ("failed: the miniature pretrained from this recipe (3 steps) misses "
+                                                 "its competence gates at its own length 64:"), err
+    assert "Traceback" not in err and "| >= 0.99 | False |" in err  # the gate table follows
     assert not (tmp_path / "run").exists()  # nothing is written before the base model is there
 
 

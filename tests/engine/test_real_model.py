@@ -150,9 +150,11 @@ def eager_argmax(model_path: str, prompt_ids: list[int], generated: list[int]) -
 
 
 def test_inline_scores_equal_an_eager_reference(checkpoint, model, tok):
+    """The prompt-only reading (scoring.argmax_over: prompt) against eager attention weights;
+    tests/engine/test_heads.py checks both readings on the tiny families."""
     examples, spans = pass_keys(tok, 3, 160, "train")
     decoded = greedy_decode(model, tok, [e.prompt for e in examples], max_new_tokens=12, stop_strings=("\n",),
-                            spans=spans, batch_size=3, keep_argmax=True, chat_template=True)
+                            spans=spans, batch_size=3, keep_argmax=True, chat_template=True, argmax_over="prompt")
     for ex, s, out in zip(examples, spans, decoded):
         assert ex.meta["key"] in out.text
         rendered = render_prompt(tok, ex.prompt)
