@@ -199,7 +199,7 @@ def cmd_miniature_pretrain(args) -> int:
     into the repository's shipped base, which the demo then uses."""
     import dataclasses
 
-    from engine.config import load_recipe
+    from engine.config import ConfigError, load_recipe
     from engine.miniature import MiniatureSpec, spec_hash
     from engine.miniature.gates import format_gates
     from engine.miniature.pretrain import SHIPPED, default_cache_dir, publish_pretrained, shipped_base
@@ -207,8 +207,8 @@ def cmd_miniature_pretrain(args) -> int:
     spec = load_recipe(args.recipe, overrides=args.overrides)
     if args.ship and spec != MiniatureSpec():
         changed = [f.name for f in dataclasses.fields(spec) if getattr(spec, f.name) != getattr(MiniatureSpec(), f.name)]
-        raise SystemExit(f"--ship: {args.recipe} differs from the default recipe (MiniatureSpec) in {changed}; "
-                         "the shipped base must be the default's, so make those the defaults first")
+        raise ConfigError(f"--ship: {args.recipe} differs from the default recipe (MiniatureSpec) in {changed}; "
+                          "the shipped base must be the default's, so make those the defaults first")
     if args.ship and shipped_base(spec) is not None and not args.force:
         console.print(f"the shipped base {SHIPPED} is already this recipe's ({spec_hash(spec)}); --force redoes it")
         return 0

@@ -26,7 +26,9 @@ def _ints(text: str, flag: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise SystemExit(f"{flag}: expected comma-separated integers, got {text!r}") from None
+        from engine.config import ConfigError
+
+        raise ConfigError(f"{flag}: expected comma-separated integers, got {text!r}") from None
 
 
 def _fmt(x, digits: int = 3) -> str:

@@ -454,8 +454,9 @@ def run_experiment(experiment: Experiment, stages: Sequence[str] = cfg.STAGES) -
     check_position_limit(experiment, base_model)
     store.save_config(resolved, experiment.name)
     clear_stale_temps(store.root)  # what killed runs left behind
-    write_json(run_provenance(experiment), store.path("provenance.json"))
-    timer = StageTimer(store, run_provenance(experiment))
+    provenance = run_provenance(experiment)  # git and package queries: once per invocation
+    write_json(provenance, store.path("provenance.json"))
+    timer = StageTimer(store, provenance)
     timer.record("base_model", time.perf_counter() - started)
     if experiment.model.path == "miniature":
         meta = Path(base_model) / "miniature.json"

@@ -71,3 +71,13 @@ def save_tiny(family: str, path: Path, seed: int = 0, **overrides) -> Path:
     model.save_pretrained(path, safe_serialization=True)
     char_tokenizer().save_pretrained(path)
     return path
+
+
+# The miniature section of the pipeline tests' experiments, escaped for str.format: one spec,
+# so a test session pretrains it once. 64 tokens hold no MuSiQue or SummHay drill, and a 3-step
+# base passes no gate (it warns and goes on).
+TINY_MINIATURE = (
+    "miniature: {{n_layers: 1, n_heads: 4, n_kv_heads: 2, hidden: 32, intermediate: 64, context: 64, steps: 3,\n"
+    "            batch_size: 4, warmup_steps: 1, qa_per_task: 3, min_accuracy: 0.0, check_probes: 4, threads: 1,\n"
+    "            mix: [0.5, 0.1, 0.2, 0.0, 0.0, 0.2], on_failed_check: warn}}"
+)

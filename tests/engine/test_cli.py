@@ -297,3 +297,12 @@ def test_exit_codes_reach_the_shell(tmp_path):
                           text=True, env=env, cwd=ROOT, timeout=300)
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
         f"error: {tmp_path}: is a directory; expected the experiment file"]
+
+
+def test_ship_refuses_a_recipe_other_than_the_default(capsys, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text((ROOT / "experiments" / "miniature.yaml").read_text())
+    message = one_error(capsys, "miniature", "pretrain", recipe, "steps=10", "--ship")
+    assert message == (f"--ship: {recipe} differs from the default recipe (MiniatureSpec) in ['steps']; "
+                       "the shipped base must be the default's, so make those the defaults first")
+    assert not (ROOT / "data" / "miniature").exists()

@@ -11,14 +11,19 @@ FIXTURES = Path(__file__).parents[1] / "fixtures"
 NQ = Path(__file__).parents[2] / "data/nq-open-oracle.jsonl.gz"
 
 
-def test_build_writes_splits_and_stats(tmp_path):
+def build_sample(out: Path) -> dict:
+    """The real MDQA variant of the sample file (distractors from the NQ pool) into `out`."""
     from tiny import char_tokenizer
 
-    out = tmp_path / "mdqa" / "real"
     sources = {"train": str(FIXTURES / "mdqa_sample.jsonl"), "eval": str(FIXTURES / "mdqa_sample.jsonl"),
                "pool": str(NQ)}
-    stats = build_task_data("mdqa", "real", sources=sources, options={}, tokenizer=char_tokenizer(),
-                            target_tokens=1500, n_train=10, n_eval=5, seed=0, out_dir=out)
+    return build_task_data("mdqa", "real", sources=sources, options={}, tokenizer=char_tokenizer(),
+                           target_tokens=1500, n_train=10, n_eval=5, seed=0, out_dir=out)
+
+
+def test_build_writes_splits_and_stats(tmp_path):
+    out = tmp_path / "mdqa" / "real"
+    stats = build_sample(out)
     files = sorted(p.name for p in out.iterdir())
     assert files == ["build.json", "eval.parquet", "stats.json", "train.parquet", "val.parquet"]  # no tmp files
     counts = {s: pq.read_table(out / f"{s}.parquet").num_rows for s in ("train", "val", "eval")}
@@ -65,13 +70,8 @@ def test_drop_reasons_are_whole_at_any_width_and_per_build(tmp_path):
 
     from rich.console import Console
 
-    from tiny import char_tokenizer
-
     out = tmp_path / "mdqa" / "real"
-    sources = {"train": str(FIXTURES / "mdqa_sample.jsonl"), "eval": str(FIXTURES / "mdqa_sample.jsonl"),
-               "pool": str(NQ)}
-    stats = build_task_data("mdqa", "real", sources=sources, options={}, tokenizer=char_tokenizer(),
-                            target_tokens=1500, n_train=10, n_eval=5, seed=0, out_dir=out)
+    stats = build_sample(out)
     reasons = {build: sorted(r.items()) for build, r in stats["dropped"].items()}
     assert reasons["train"] and set(reasons) == {"train", "eval"}
     splits, dropped = render_stats(stats).renderables

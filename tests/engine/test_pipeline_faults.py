@@ -22,19 +22,18 @@ import pytest
 from engine.config import STAGES, load_experiment
 from engine.pipeline import run_experiment
 from engine.store import TEMP_MARK, RunStore
+from tiny import TINY_MINIATURE
 
 ROOT = Path(__file__).parents[2]
 KILLER = Path(__file__).with_name("kill_at_publish.py")
 KILLED = 137
 
-# The miniature of test_pipeline.py (the same spec, so the session pretrains it once).
+# The miniature of test_pipeline.py (tiny.TINY_MINIATURE: one pretraining per session).
 EXPERIMENT = """
 name: faults
 run_dir: {run_dir}
 model: {{name: mini, path: miniature, rope_base: 40000, max_context: 512, dtype: float32}}
-miniature: {{n_layers: 1, n_heads: 4, n_kv_heads: 2, hidden: 32, intermediate: 64, context: 64, steps: 3,
-            batch_size: 4, warmup_steps: 1, qa_per_task: 3, min_accuracy: 0.0, check_probes: 4, threads: 1,
-                    mix: [0.5, 0.1, 0.2, 0.0, 0.0, 0.2], on_failed_check: warn}}
+""" + TINY_MINIATURE + """
 tasks:
   mdqa:
     variants: [real, hl, base]
