@@ -40,7 +40,7 @@ BAD_INPUT = {"engine.config": "ConfigError", "engine.store": "StoreError", "engi
              "analyses.knockout": "KnockoutError", "analyses.patching": "PatchingError",
              "analyses.overlap": "OverlapError", "engine.cost_inputs": "CostError",
              "analyses.interop": "InteropError", "analyses.head_examples": "ExamplesError", "analyses.probe": "ProbeError"}
-RUN_FAILURES = {"engine.pool": "PoolError", "engine.train": "TrainError", "engine.synth.backend": "SynthError",
+RUN_FAILURES = {"engine.pool": "PoolError", "engine.train_spec": "TrainError", "engine.synth.errors": "SynthError",
                 "engine.miniature.pretrain": "MiniatureError"}
 
 

@@ -40,6 +40,7 @@ STAGES = ("data", "train", "evaluate", "knockout", "patching", "report")
 
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2")  # the backends inline scoring runs on
 HEAD_KINDS = ("retrieval", "insight")
 LORA_TARGETS = ("attention", "all")
 
@@ -80,9 +81,12 @@ class ModelConfig:
     rope_base: float | None = field(default=None, metadata=above(0))  # the raised base of every fine-tune and evaluation
     sliding_window: int | None = field(default=None, metadata=at_least(1))
     max_context: int = field(default=32768, metadata=at_least(2))
-    dtype: str = field(default="auto", metadata=one_of(*DTYPES))  # "auto": bfloat16 on GPU, float32 on CPU
+    # "auto": bfloat16 on GPU, float32 on CPU (engine.placement.resolve_placement)
+    dtype: str = field(default="auto", metadata=one_of(*DTYPES))
     trust_remote_code: bool = False
-    attn_implementation: str | None = None
+    # None: FlashAttention-2 wherever it can run (GPU, flash-attn, 16-bit dtype), else SDPA;
+    # "flash_attention_2" where it cannot run is an error when the model loads
+    attn_implementation: str | None = field(default=None, metadata=one_of(*ATTN_IMPLEMENTATIONS))
     # prompt (and train) through the tokenizer's chat template; None: when the tokenizer has one
     chat_template: bool | None = None
 
@@ -142,8 +146,14 @@ class EvaluateConfig:
     gpus_per_actor: float = field(default=0, metadata=at_least(0))
     shard_size: int = field(default=16, metadata=at_least(1))
     max_retries: int = field(default=3, metadata=at_least(0))
+    timeout_s: float | None = field(default=None, metadata=above(0))  # a shard running longer is retried
+    keep_shards: bool = False  # keep each job's shard files beside its merged outputs
     insight_strict: bool = False
     limit: int | None = field(default=None, metadata=at_least(1))  # evaluate only the first N examples
+
+
+# How the evaluation pool runs, not what it computes: left out of every evaluation hash.
+EVALUATE_RUNTIME = ("num_actors", "cpus_per_actor", "max_retries", "timeout_s", "keep_shards")
 
 
 @dataclass(frozen=True)
@@ -184,8 +194,8 @@ class Experiment:
     tasks: tuple[TaskConfig, ...]
     run_dir: str | None = None
     seeds: tuple[int, ...] = field(default=(0,), metadata={"nonempty": True})
-    synth: Any = None  # engine.synth.SynthConfig
-    miniature: Any = None  # engine.miniature.MiniatureSpec, when model.path == "miniature"
+    synth: Any = None  # engine.synth.config.SynthConfig
+    miniature: Any = None  # engine.miniature.spec.MiniatureSpec, when model.path == "miniature"
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     scoring: ScoringConfig = ScoringConfig()
@@ -224,12 +234,13 @@ class Run:
 
 
 def _section_class(name: str) -> type:
-    """Sections whose dataclasses live with their stage; imported only when used."""
+    """Sections whose dataclasses live with their stage, each in a module of its own; imported
+    only when used (the miniature's package loads torch)."""
     if name == "synth":
-        from engine.synth import SynthConfig
+        from engine.synth.config import SynthConfig
 
         return SynthConfig
-    from engine.miniature import MiniatureSpec
+    from engine.miniature.spec import MiniatureSpec
 
     return MiniatureSpec
 
@@ -652,7 +663,7 @@ def train_hash(experiment: Experiment, run: Run) -> str:
 def eval_hash(experiment: Experiment, run: Run, split: str) -> str:
     upstream = train_hash(experiment, run) if run.fine_tuned else content_hash(experiment.model)
     data = data_hash(experiment, Run(run.task, "real", 0) if split == "real" or not run.fine_tuned else run)
-    settings = dataclasses.replace(experiment.evaluate, num_actors=None)
+    settings = dataclasses.replace(experiment.evaluate, **{key: None for key in EVALUATE_RUNTIME})
     return content_hash("evaluate", upstream, data, split, settings, experiment.task(run.task).head_kind,
                         experiment.scoring)
 

@@ -5,7 +5,7 @@ same decode yields the answers for F1 and, through `engine.decode`, each head's 
 score (Eq. 1) and insight score (Eq. 2). Knockout and patching runs are evaluation jobs with
 an intervention.
 
-An evaluation set is cut into shards of `PoolConfig.shard_size` examples. Actors of the pool
+An evaluation set is cut into shards of `evaluate.shard_size` examples. Actors of the pool
 (`engine.pool`) load a model pair once (the evaluated model and, for patching, the source
 model) and keep it while they take more shards of the same pair. Each finished shard is
 written atomically to `<out_dir>/shards/`; a re-run skips shards whose file exists, so a
@@ -15,11 +15,16 @@ into `predictions.parquet`, `head_scores.parquet` (per-head means), `head_exampl
 and `summary.json` (with the provenance of the result, `engine.provenance`), and that
 directory replaces `out_dir` whole: a job's outputs appear together or not at all.
 
+A job carries the experiment's sections whole: the `model` section (with `path` the local
+base checkpoint) and the `evaluate` and `scoring` sections. Each actor places its models as
+`engine.placement.resolve_placement` says for `evaluate.gpus_per_actor` (device, `model.dtype`,
+`model.attn_implementation`), and every summary records where its result was computed.
+
 Example:
-    >>> ref = ModelRef("runs/demo/base", "runs/demo/models/mdqa/real")
+    >>> ref = ModelRef(ModelConfig("mini", "runs/demo/base"), "runs/demo/models/mdqa/real")
     >>> job = EvalJob("mdqa/real/real", ref, "mdqa", "runs/demo/data/mdqa/real/eval.parquet",
-    ...               "runs/demo/eval/mdqa/real/real")
-    >>> run_jobs([job], PoolConfig(cpus_per_actor=1))["mdqa/real/real"]["f1"]
+    ...               "runs/demo/eval/mdqa/real/real", EvaluateConfig(cpus_per_actor=1))
+    >>> run_jobs([job])["mdqa/real/real"]["f1"]
 """
 
 from __future__ import annotations
@@ -37,12 +42,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engine.pool import PoolConfig, PoolStats, WorkItem, run_pool
+from engine.config import EVALUATE_RUNTIME, EvaluateConfig, ModelConfig, ScoringConfig
+from engine.pool import PoolStats, WorkItem, run_pool
 from engine.provenance import provenance
 from engine.store import atomic_dir, read_json, write_json, write_parquet
 
-__all__ = ["EvalError", "EvalJob", "EvalWorker", "LoadedModels", "ModelRef", "PoolConfig", "evaluate_shard",
-           "load_models", "run_eval_pool", "run_jobs"]
+__all__ = ["EvalError", "EvalJob", "EvalWorker", "LoadedModels", "ModelRef", "evaluate_shard", "load_models",
+           "run_eval_pool", "run_jobs"]
 
 PREDICTION_SCHEMA = pa.schema(
     [
@@ -67,8 +73,16 @@ SHARD_SCHEMA = pa.schema(
         # (Eq. 1's event) or looked into a needle (Eq. 2's); null = not scored
         ("retrieval_hits", pa.list_(pa.int32())),
         ("insight_hits", pa.list_(pa.int32())),
+        # where the shard was computed: the evaluated model's device, dtype and attention backend
+        ("device", pa.string()),
+        ("dtype", pa.string()),
+        ("attn_implementation", pa.string()),
     ]
 )
+PLACEMENT_COLUMNS = ("device", "dtype", "attn_implementation")
+# The evaluate settings that make the actor pool, one per pool; the others decide each job's decode.
+POOL_SETTINGS = ("num_actors", "cpus_per_actor", "gpus_per_actor", "shard_size", "max_retries", "timeout_s",
+                 "keep_shards")
 EXAMPLE_COLUMNS = ("index", "id", "n_layers", "n_heads", "retrieval", "insight", "n_steps", "retrieval_hits",
                    "insight_hits")
 
@@ -88,13 +102,11 @@ class TaskScorer(Protocol):
 
 @dataclass(frozen=True)
 class ModelRef:
-    """A base model and, optionally, the LoRA adapter fine-tuned on it (merged on load)."""
+    """The model section (`path`: the local base checkpoint) and, optionally, the LoRA adapter
+    fine-tuned on it (merged on load)."""
 
-    base_model: str
-    adapter_dir: str | None
-    rope_base: float | None = None
-    sliding_window: int | None = None
-    trust_remote_code: bool = False
+    model: ModelConfig
+    adapter_dir: str | None = None
 
 
 @dataclass(frozen=True)
@@ -103,21 +115,17 @@ class EvalJob:
 
     Attributes:
         name: unique label of the job (the key of `run_jobs`' result).
-        model: the evaluated model (model B when patching).
+        model: the evaluated model (model B when patching); its `chat_template` decides how
+            prompts are rendered (None: the tokenizer's template when it has one).
         task: task registry name; its `score`, `MAX_NEW_TOKENS`, `STOP_STRINGS` are used.
         data_path: Parquet file in `tasks.example.SCHEMA`.
         out_dir: where predictions, head scores, summary and shards go.
-        score_heads: compute retrieval and insight scores while decoding.
+        evaluate: the evaluate section: `batch_size`, `max_new_tokens` (None: the task's),
+            `limit`, `insight_strict`, and `gpus_per_actor`, which places the models.
+        scoring: the scoring section (the readings of Eq. 1); None decodes without head scores.
         knockout: heads `(layer, head)` whose outputs are zeroed.
         patch_source: model A, whose head outputs are patched into `model` over the prompt.
         patch_heads: the heads patched from `patch_source`.
-        max_new_tokens: None uses the task's `MAX_NEW_TOKENS`.
-        batch_size: prompts per forward pass.
-        insight_strict: the token-match reading of Eq. 2.
-        limit: evaluate only the first `limit` examples.
-        argmax_over: "all" or "prompt": the keys each head's argmax is taken over.
-        count: "unique" or "repeats": how Eq. 1 counts a position retrieved at several steps.
-        chat_template: prompt through the tokenizer's chat template (`engine.chat`).
     """
 
     name: str
@@ -125,17 +133,11 @@ class EvalJob:
     task: str
     data_path: str
     out_dir: str
-    score_heads: bool = True
+    evaluate: EvaluateConfig = EvaluateConfig()
+    scoring: ScoringConfig | None = ScoringConfig()
     knockout: tuple[tuple[int, int], ...] | None = None
     patch_source: ModelRef | None = None
     patch_heads: tuple[tuple[int, int], ...] | None = None
-    max_new_tokens: int | None = None
-    batch_size: int = 4
-    insight_strict: bool = False
-    limit: int | None = None
-    argmax_over: str = "all"
-    count: str = "unique"
-    chat_template: bool = False
 
     def __post_init__(self):
         if self.knockout is not None and self.patch_source is not None:
@@ -163,30 +165,19 @@ class LoadedModels:
 
 
 def load_models(job: EvalJob) -> LoadedModels:
-    """Loads the job's model (adapter merged), tokenizer and patch source: in bfloat16 on the
-    actor's GPU when it has one (Ray exposes only the GPUs it reserved), else float32 on the CPU."""
-    import torch
-
-    from engine.models import load_tokenizer, load_trained
-
-    on_gpu = torch.cuda.is_available()
-    placement = dict(device="cuda", dtype=torch.bfloat16) if on_gpu else dict(device="cpu", dtype=torch.float32)
+    """Loads the job's model (adapter merged), tokenizer and patch source, each placed as
+    `engine.placement.resolve_placement` says for its model section and the actor's GPUs."""
+    from engine.models import load_tokenizer
+    from engine.placement import load_configured, resolve_placement
 
     def load(ref: ModelRef):
-        return load_trained(
-            ref.base_model,
-            ref.adapter_dir,
-            rope_base=ref.rope_base,
-            sliding_window=ref.sliding_window,
-            trust_remote_code=ref.trust_remote_code,
-            **placement,
-        )
+        return load_configured(ref.model, resolve_placement(ref.model, job.evaluate.gpus_per_actor), ref.adapter_dir)
 
     source = load(job.patch_source) if job.patch_source is not None else None
     return LoadedModels(
         key=job.models_key,
         model=load(job.model),
-        tokenizer=load_tokenizer(job.model.base_model, trust_remote_code=job.model.trust_remote_code),
+        tokenizer=load_tokenizer(job.model.model.path, trust_remote_code=job.model.model.trust_remote_code),
         source=source,
     )
 
@@ -210,8 +201,10 @@ def evaluate_shard(
         start: index of the first row in the data file (keeps the merged order).
         scorer: the task module; None looks up `job.task` in the task registry.
     """
+    from engine.chat import has_chat_template
     from engine.decode import ScoreSpans, greedy_decode
     from engine.heads import Knockout, Patch
+    from engine.placement import held
     from tasks.example import Example
 
     if loaded.key != job.models_key:
@@ -219,7 +212,7 @@ def evaluate_shard(
     scorer = scorer or task_scorer(job.task)
     examples = [Example.from_row(row) for row in example_rows]
     spans = None
-    if job.score_heads:
+    if job.scoring is not None:
         spans = [
             ScoreSpans(
                 answer_spans=tuple((s.start, s.end) for s in e.answer_spans),
@@ -232,20 +225,23 @@ def evaluate_shard(
         intervention = Knockout(heads=tuple(tuple(h) for h in job.knockout))
     elif job.patch_source is not None:
         intervention = Patch(source=loaded.source, heads=tuple(tuple(h) for h in job.patch_heads))
+    scoring = job.scoring or ScoringConfig()  # its readings only matter when spans are given
+    chat = job.model.model.chat_template
     decoded = greedy_decode(
         loaded.model,
         loaded.tokenizer,
         [e.prompt for e in examples],
-        max_new_tokens=job.max_new_tokens or scorer.MAX_NEW_TOKENS,
+        max_new_tokens=job.evaluate.max_new_tokens or scorer.MAX_NEW_TOKENS,
         stop_strings=tuple(scorer.STOP_STRINGS),
-        batch_size=job.batch_size,
+        batch_size=job.evaluate.batch_size,
         spans=spans,
         intervention=intervention,
-        insight_strict=job.insight_strict,
-        argmax_over=job.argmax_over,
-        count=job.count,
-        chat_template=job.chat_template,
+        insight_strict=job.evaluate.insight_strict,
+        argmax_over=scoring.argmax_over,
+        count=scoring.count,
+        chat_template=has_chat_template(loaded.tokenizer) if chat is None else chat,
     )
+    placement = held(loaded.model)
     rows = []
     for offset, (example, out) in enumerate(zip(examples, decoded)):
         metrics = scorer.score(out.text, example)
@@ -265,6 +261,9 @@ def evaluate_shard(
                 "n_steps": 0 if out.retrieval_hits is None else len(out.retrieval_hits),
                 "retrieval_hits": _flat_hits(out.retrieval_hits),
                 "insight_hits": _flat_hits(out.insight_hits),
+                "device": placement.device,
+                "dtype": placement.dtype,
+                "attn_implementation": placement.attn_implementation,
             }
         )
     return pa.Table.from_pylist(rows, schema=SHARD_SCHEMA)
@@ -303,6 +302,12 @@ class EvalWorker:
             self.loads += 1
         return evaluate_shard(self.loaded, job, rows, start=start, scorer=self.scorer)
 
+    def held(self) -> dict | None:
+        """The device, dtype and attention backend of the model this actor holds (None: none yet)."""
+        from engine.placement import held
+
+        return None if self.loaded is None else asdict(held(self.loaded.model))
+
 
 # --------------------------------------------------------------------------- driver side
 
@@ -323,7 +328,7 @@ def _model_fingerprint(ref: ModelRef | None, digest) -> None:
     if ref.adapter_dir is not None:
         for path in sorted(Path(ref.adapter_dir).glob("*.safetensors")) + sorted(Path(ref.adapter_dir).glob("*.json")):
             digest.update(path.name.encode() + _file_digest(path))
-    base = Path(ref.base_model)
+    base = Path(ref.model.path)
     if base.is_dir():
         if (base / "config.json").exists():
             digest.update(_file_digest(base / "config.json"))
@@ -332,16 +337,18 @@ def _model_fingerprint(ref: ModelRef | None, digest) -> None:
             digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
 
 
-def job_hash(job: EvalJob, shard_size: int) -> str:
-    """Hash of everything that decides a job's shard results (not its name or out_dir)."""
+def job_hash(job: EvalJob) -> str:
+    """Hash of everything that decides a job's shard results (not its name, out_dir, or how
+    many actors, CPUs, retries and how long a timeout its pool has)."""
     fields = asdict(job)
     fields.pop("name"), fields.pop("out_dir")
+    for key in EVALUATE_RUNTIME:
+        fields["evaluate"].pop(key)
     data = Path(job.data_path)
     if not data.is_file():
         raise EvalError(f"job {job.name}: data file {data} does not exist")
     digest = hashlib.sha256()
     digest.update(json.dumps(fields, sort_keys=True, default=str).encode())
-    digest.update(str(shard_size).encode())
     digest.update(_file_digest(data))
     _model_fingerprint(job.model, digest)
     _model_fingerprint(job.patch_source, digest)
@@ -350,7 +357,7 @@ def job_hash(job: EvalJob, shard_size: int) -> str:
 
 def check_heads(job: EvalJob) -> None:
     """Knockout and patch heads must exist in the model (checked from a local config.json)."""
-    config_path = Path(job.model.base_model) / "config.json"
+    config_path = Path(job.model.model.path) / "config.json"
     heads = (job.knockout or ()) + (job.patch_heads or ())
     if not heads or not config_path.exists():
         return
@@ -421,15 +428,18 @@ def merge_shards(plan: _JobPlan, keep_shards: bool) -> dict:
         "em": float(np.mean(table.column("em").to_numpy())),
         "n": table.num_rows,
         "out_dir": str(out),
-        "scoring": {"argmax_over": job.argmax_over, "count": job.count, "insight_strict": job.insight_strict}
-        if job.score_heads else None,
+        "scoring": {"argmax_over": job.scoring.argmax_over, "count": job.scoring.count,
+                    "insight_strict": job.evaluate.insight_strict} if job.scoring is not None else None,
+        # where each shard's model sat: one entry unless shards ran on different hardware
+        "placement": [dict(zip(PLACEMENT_COLUMNS, p)) for p in
+                      sorted(set(zip(*(table.column(c).to_pylist() for c in PLACEMENT_COLUMNS))))],
         "provenance": provenance(actor_torch_threads=plan.torch_threads),  # greedy decoding: no seed
     }
     # The shards stay in the old out_dir until the new one replaces it: a crash before the
     # swap leaves them for the next run to merge again.
     with atomic_dir(out) as tmp:
         write_parquet(table.select(PREDICTION_SCHEMA.names), tmp / "predictions.parquet")
-        if job.score_heads:
+        if job.scoring is not None:
             write_parquet(score_table(_stack(table, "retrieval"), _stack(table, "insight")),
                           tmp / "head_scores.parquet")
             write_parquet(table.select(EXAMPLE_COLUMNS), tmp / "head_examples.parquet")
@@ -460,7 +470,7 @@ def _finished(job: EvalJob, digest: str) -> dict | None:
     if not path.exists() or not (out / "predictions.parquet").exists():
         return None
     summary = read_json(path)
-    heads = ("head_scores.parquet", "head_examples.parquet") if job.score_heads else ()
+    heads = ("head_scores.parquet", "head_examples.parquet") if job.scoring is not None else ()
     if summary.get("hash") != digest or not all((out / name).exists() for name in heads):
         return None
     return summary
@@ -468,7 +478,6 @@ def _finished(job: EvalJob, digest: str) -> dict | None:
 
 def run_eval_pool(
     jobs: Sequence[EvalJob],
-    pool: PoolConfig,
     show_progress: bool = True,
     scorer: TaskScorer | None = None,
 ) -> tuple[dict[str, dict], PoolStats]:
@@ -484,18 +493,24 @@ def run_eval_pool(
             task_scorer(task)  # an unknown task fails here, not on every actor
     for job in jobs:
         check_heads(job)
+    pools = {tuple(getattr(job.evaluate, key) for key in POOL_SETTINGS) for job in jobs}
+    if len(pools) > 1:
+        raise EvalError(f"jobs of one pool must agree on evaluate.{', '.join(POOL_SETTINGS)}; got {sorted(pools)}")
+    if not jobs:
+        return {}, PoolStats()
+    pool = jobs[0].evaluate
 
     summaries: dict[str, dict] = {}
     plans: dict[str, _JobPlan] = {}
     missing: dict[str, set[Path]] = {}
     items: list[WorkItem] = []
     for job in jobs:
-        digest = job_hash(job, pool.shard_size)
+        digest = job_hash(job)
         done = _finished(job, digest)
         if done is not None:
             summaries[job.name] = done
             continue
-        rows = read_examples(job.data_path, job.limit)
+        rows = read_examples(job.data_path, job.evaluate.limit)
         paths = []
         for start in range(0, len(rows), pool.shard_size):
             end = min(start + pool.shard_size, len(rows))
@@ -537,15 +552,16 @@ def run_eval_pool(
 
 def run_jobs(
     jobs: Sequence[EvalJob],
-    pool: PoolConfig,
     show_progress: bool = True,
     scorer: TaskScorer | None = None,
 ) -> dict[str, dict]:
     """Evaluates every job on one actor pool; finished jobs and shards are skipped.
 
+    The pool is the jobs' `evaluate` section: actors, CPUs and GPUs per actor, shard size,
+    retries, timeout and whether shards are kept, on which all jobs must agree.
+
     Args:
         jobs: evaluation jobs with unique names and out_dirs.
-        pool: actor resources, shard size, retries.
         show_progress: rich progress bar with examples per second.
         scorer: a task-like object for every job instead of the task registry (it is
             pickled to the actors).
@@ -553,5 +569,5 @@ def run_jobs(
     Returns:
         job name -> summary `{"f1", "em", "n", "out_dir", ...}`.
     """
-    summaries, _ = run_eval_pool(jobs, pool, show_progress=show_progress, scorer=scorer)
+    summaries, _ = run_eval_pool(jobs, show_progress=show_progress, scorer=scorer)
     return summaries

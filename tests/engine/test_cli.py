@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -170,7 +171,7 @@ def test_data_build_bad_flags_are_one_line_each_and_leave_no_out(capsys, tmp_pat
     good = build_args(tok, out)
     cases = [
         (replace_flag(good, "--task", "mdqaa"),
-         "data build: --task: unknown task 'mdqaa'; valid tasks: ['mdqa', 'musique', 'summhay']"),
+         "data build: --task: unknown task 'mdqaa'; valid tasks: ['mdqa', 'musique', 'needle', 'summhay']"),
         (replace_flag(good, "--variant", "hx"),
          "data build: --variant: unknown variant 'hx'; valid: real, real_limited, hh, hl, lh, ll, symbolic, base"),
         (swap(good, f"train={NQ}", str(NQ)),
@@ -280,9 +281,13 @@ def test_a_failed_run_is_one_line_and_exit_code_1(capsys, tmp_path, monkeypatch)
           mdqa: {{variants: [real], n_train: 4, n_eval: 2, target_tokens: 160}}
     """))
     code, _, err = run_cli(capsys, "run", path)
-    assert code == 1 and err.startswith("failed: miniature pretraining (3 steps) copies at random depths with "
-                                        "accuracy "), err
-    assert "Traceback" not in err and "< 0.99 at its own length 64" in err.splitlines()[0]
+    assert code == 1 and "Traceback" not in err, err
+    first, *table = err[err.index("failed: "):].splitlines()  # after the pretraining's progress lines
+    assert first == "failed: the miniature pretrained from this recipe (3 steps) misses its competence gates at " \
+                    "its own length 64:"
+    copy = next(row for row in table if row.startswith("| copy at 64 tokens"))
+    assert re.fullmatch(r"\| copy at 64 tokens \(random depths\) \| 0\.\d\d \| >= 0\.99 \| False \|", copy), copy
+    assert table[-1] == "| query heads | 2 | >= 32 | False |"
     assert not (tmp_path / "run").exists()  # nothing is written before the base model is there
 
 
