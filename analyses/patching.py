@@ -40,7 +40,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from analyses.knockout import example_f1, head_label
-from engine.config import EvaluateConfig, PatchingConfig, ScoringConfig
+from engine.config import EvaluateConfig, PatchingConfig
 from engine.evaluate import EvalJob, ModelRef, read_examples, run_jobs
 from engine.heads import Head
 from engine.store import read_parquet, write_parquet
@@ -152,7 +152,8 @@ def patch_runs(
     with_unpatched: bool = True,
 ) -> list[PatchRun]:
     """Rows of the patching table and their jobs; equal head sets share one job. Every job
-    decodes with `evaluate`."""
+    decodes with `evaluate`, without head scores (scoring never changes what is decoded, so
+    an unpatched row may reuse the evaluation stage's scored predictions)."""
 
     def job(name: str, heads: tuple[Head, ...] | None) -> EvalJob:
         return EvalJob(
@@ -162,9 +163,7 @@ def patch_runs(
             data_path=data_path,
             out_dir=str(Path(out_dir) / "jobs" / name),
             evaluate=evaluate,
-            # scored like the evaluation stage, so the decode path (and its float rounding)
-            # matches the unpatched predictions reused from there; scoring costs next to nothing
-            scoring=ScoringConfig(),
+            scoring=None,
             patch_source=source if heads is not None else None,
             patch_heads=heads,
         )

@@ -3,8 +3,9 @@
 Every evaluation in the study decodes greedily (Zhao, Yin, Durrett, ICML 2025, Sec. 4). The
 same decode yields the answers for F1 and, when `spans` are given, the retrieval score
 (Eq. 1) and insight score (Eq. 2) of every head: the attention argmax per head and step is
-taken inside the model's own attention call (see `engine.heads.scored_attention`), so
-scoring needs no second pass and never a T x T attention matrix.
+taken inside the model's own attention call (see `engine.heads.decode_attention`), so
+scoring needs no second pass and never a T x T attention matrix. Decoding runs that attention
+whether or not it scores, so the tokens decoded never depend on scoring.
 
 Example:
     >>> from engine.models import load_model, load_tokenizer
@@ -38,6 +39,7 @@ from engine.heads import (
     Knockout,
     Patch,
     check_compatible,
+    decoding_attention,
     insight_hits,
     insight_scores,
     knockout,
@@ -45,7 +47,6 @@ from engine.heads import (
     record_heads,
     retrieval_hits,
     retrieval_scores,
-    scoring_attention,
 )
 from engine.models import architecture
 
@@ -219,8 +220,7 @@ def greedy_decode(
     order = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))
     results: list[Decoded | None] = [None] * len(prompts)
     kept_out = knockout(model, intervention.heads) if isinstance(intervention, Knockout) else nullcontext()
-    score_ctx = scoring_attention(model) if scored else nullcontext()
-    with torch.no_grad(), kept_out, score_ctx:
+    with torch.no_grad(), kept_out, decoding_attention(model, scored=scored):
         for first in range(0, len(order), batch_size):
             batch = order[first : first + batch_size]
             generated, argmax = _decode_batch(

@@ -10,7 +10,8 @@ patching overwrites it with the slice another model computed on the same prompt.
 reads, at every decoding step, the argmax of each query head's attention (over every visible
 key, or over the prompt keys only), computed inside the model's own attention call from the
 KV cache (one q·Kᵀ row per head, O(T) per step), so it costs almost nothing on top of plain
-greedy decoding.
+greedy decoding. Scored or not, a decode step runs the same attention (`decode_attention`):
+scoring never changes what is decoded.
 
 Example (runnable with the tiny models of tests/tiny.py):
     >>> from engine.decode import ScoreSpans, greedy_decode
@@ -53,7 +54,7 @@ if TYPE_CHECKING:
 Head = tuple[int, int]  # (layer, query head)
 ARGMAX_OVER = ("all", "prompt")  # which keys a head's attention argmax is taken over
 COUNTS = ("unique", "repeats")  # how often one answer-span position may count for a head
-SCORED_PREFIX = "needlework_scored_"
+ENGINE_PREFIX = "needlework_"  # the engine's decode attention, registered per backend
 ARGMAX_KWARG = "head_argmax"  # forward kwarg that carries a HeadArgmax to the attention call
 
 
@@ -280,25 +281,28 @@ def _context_argmax(scores: torch.Tensor, context_len: int | None) -> torch.Tens
     return index.flatten(1)  # kv-head major order == query-head order under GQA
 
 
-def scored_attention(base_fn):
-    """Wraps an attention function so that it also records the newest query's argmax.
+def decode_attention(base_fn):
+    """Wraps an attention function with the engine's one-query decode step and the scorer's argmax.
 
-    One-query decode steps use grouped manual attention and reuse its scores for the argmax
-    (softmax is monotonic); longer passes (prefill) call `base_fn` (SDPA / FlashAttention)
-    and add one q·Kᵀ row per head for the last query. Without a `HeadArgmax` in the kwargs
-    it is exactly `base_fn`.
+    Every one-query decode step runs grouped manual attention (q·Kᵀ per KV group, softmax, ·V:
+    no K/V repeated across a group), whether or not heads are scored; longer passes (prefill)
+    call `base_fn` (SDPA / FlashAttention). So scoring never changes what is decoded: with a
+    `HeadArgmax` in the kwargs, the argmax of the newest query per head is read from the decode
+    step's own scores (softmax is monotonic), and in prefill from one extra q·Kᵀ row per head,
+    beside an unchanged computation.
     """
 
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         recorder: HeadArgmax | None = kwargs.pop(ARGMAX_KWARG, None)
-        if recorder is None:
-            return base_fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
         batch, n_heads, q_len, d_head = query.shape
+        if q_len > 1 and recorder is None:
+            return base_fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        scaling = d_head ** -0.5 if scaling is None else scaling
         kv_len = key.shape[2]
         visible = _visible_keys(attention_mask, batch, kv_len, kwargs.get("sliding_window"), query.device)
         scores = _grouped_scores(query[:, :, -1:], key, scaling, visible)  # [batch, kv_head, group, kv]
-        recorder.layers[module.layer_idx] = _context_argmax(scores, recorder.context_len)
+        if recorder is not None:
+            recorder.layers[module.layer_idx] = _context_argmax(scores, recorder.context_len)
         if q_len > 1:
             return base_fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
         probs = torch.softmax(scores.float(), dim=-1).to(value.dtype)
@@ -309,21 +313,29 @@ def scored_attention(base_fn):
 
 
 @contextmanager
-def scoring_attention(model) -> Iterator[None]:
-    """Switches `model` to the scored wrapper of its own attention backend while active."""
+def decoding_attention(model, scored: bool = False) -> Iterator[None]:
+    """Switches `model` to the engine's decode attention (`decode_attention`) of its own backend
+    while active; greedy decoding always runs under it, scored or not.
+
+    A backend outside transformers' attention registry (eager) keeps its own attention for
+    plain decoding; scoring needs SDPA or FlashAttention.
+    """
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     config = model.config
     base = config._attn_implementation
-    if base.startswith(SCORED_PREFIX):  # already switched by an enclosing call
+    if base.startswith(ENGINE_PREFIX):  # already switched by an enclosing call
         yield
         return
     if base not in ALL_ATTENTION_FUNCTIONS or base not in ALL_MASK_ATTENTION_FUNCTIONS:
-        raise HeadError(f"inline scoring supports sdpa and flash attention backends, not {base!r}")
+        if scored:
+            raise HeadError(f"inline scoring supports sdpa and flash attention backends, not {base!r}")
+        yield
+        return
     # the name keeps "flash" in it so transformers prepares FlashAttention inputs the same way
-    name = SCORED_PREFIX + base
-    ALL_ATTENTION_FUNCTIONS.register(name, scored_attention(ALL_ATTENTION_FUNCTIONS[base]))
+    name = ENGINE_PREFIX + base
+    ALL_ATTENTION_FUNCTIONS.register(name, decode_attention(ALL_ATTENTION_FUNCTIONS[base]))
     ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
     config._attn_implementation_internal = name
     try:

@@ -46,6 +46,7 @@ def test_head_sets_and_sampling(tmp_path):
     assert [(r.set, r.seed) for r in runs] == [("none", -1)] + [(s, seed) for seed in (0, 1) for s in ("inter", "compl", "random")]
     for r in runs[1:]:
         assert len(r.heads) == 4 and r.job.patch_heads == r.heads and r.job.patch_source == ref("a")
+        assert r.job.scoring is None  # patched runs decode without head scores
         assert set(r.heads) <= {"inter": big.real & big.target, "compl": big.real - big.target,
                                 "random": set(big.all_heads)}[r.set]
     assert runs[0].job.patch_source is None
