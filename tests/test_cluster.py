@@ -93,7 +93,8 @@ def test_ray_job_submit_runs_an_experiment(tmp_path):
         run_dir: {run_dir}
         model: {{name: mini, path: miniature, rope_base: 40000, max_context: 512}}
         miniature: {{n_layers: 1, n_heads: 2, n_kv_heads: 1, hidden: 32, intermediate: 64, context: 64, steps: 3,
-                    batch_size: 4, warmup_steps: 1, qa_per_task: 3, min_accuracy: 0.0, check_probes: 4, threads: 1}}
+                    batch_size: 4, warmup_steps: 1, qa_per_task: 3, min_accuracy: 0.0, check_probes: 4, threads: 1,
+                    on_failed_check: warn}}  # a 3-step base passes no gate: warn and go on
         tasks:
           mdqa: {{variants: [real, base], n_train: 10, n_eval: 4, target_tokens: 160}}
         train: {{batch_size: 1, grad_accum: 1, max_steps: 2, max_length: 200}}

@@ -33,7 +33,8 @@ name: faults
 run_dir: {run_dir}
 model: {{name: mini, path: miniature, rope_base: 40000, max_context: 512, dtype: float32}}
 miniature: {{n_layers: 1, n_heads: 4, n_kv_heads: 2, hidden: 32, intermediate: 64, context: 64, steps: 3,
-            batch_size: 4, warmup_steps: 1, qa_per_task: 3, min_accuracy: 0.0, check_probes: 4, threads: 1}}
+            batch_size: 4, warmup_steps: 1, qa_per_task: 3, min_accuracy: 0.0, check_probes: 4, threads: 1,
+            on_failed_check: warn}}  # a 3-step base passes no gate: warn and go on
 tasks:
   mdqa:
     variants: [real, hl, base]

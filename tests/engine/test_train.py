@@ -404,6 +404,6 @@ def test_deepspeed_zero2_on_cpu(ray_cluster, tiny_checkpoints, train_parquet, tm
     loss = losses(spec.out_dir)
     assert sum(loss[-4:]) / 4 < sum(loss[:4]) / 4
     snap = torch.load(tmp_path / "snap.pt")
-    assert "DeepSpeed" in snap["optimizer"] or "Zero" in snap["optimizer"], snap["optimizer"]
+    assert snap["optimizer"] == "DeepSpeedZeroOptimizer"  # ZeRO stage 2 stepped the adapter, not torch.optim
     torch.testing.assert_close(probe_logits(load_trained(base, spec.out_dir)), snap["logits"],
                                atol=1e-4, rtol=1e-4)
