@@ -38,7 +38,7 @@ import pyarrow.compute as pc
 
 from engine.config import EvaluateConfig, KnockoutConfig
 from engine.evaluate import EvalJob, ModelRef, run_jobs
-from engine.heads import Head
+from engine.head_scores import Head
 from engine.store import read_parquet, write_parquet
 
 KNOCKOUT_SCHEMA = pa.schema(
@@ -78,7 +78,7 @@ def ranked_heads(head_scores: pa.Table, kind: str, source: str = "head_scores") 
     """Every head of `kind`, best score first; ties and unscored (NaN) heads by (layer, head).
 
     Args:
-        head_scores: table with layer, head, kind, score (`engine.heads.score_table`).
+        head_scores: table with layer, head, kind, score (`engine.head_scores.score_table`).
         kind: "retrieval" or "insight".
         source: file name for error messages.
     """

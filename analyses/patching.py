@@ -42,7 +42,7 @@ import pyarrow.compute as pc
 from analyses.knockout import example_f1, head_label
 from engine.config import EvaluateConfig, PatchingConfig
 from engine.evaluate import EvalJob, ModelRef, read_examples, run_jobs
-from engine.heads import Head
+from engine.head_scores import Head
 from engine.store import read_parquet, write_parquet
 
 SETS = ("inter", "compl", "random")

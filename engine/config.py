@@ -158,7 +158,7 @@ EVALUATE_RUNTIME = ("num_actors", "cpus_per_actor", "max_retries", "timeout_s", 
 
 @dataclass(frozen=True)
 class ScoringConfig:
-    """Which reading of the retrieval score (Eq. 1) the inline scorer computes (engine/heads.py)."""
+    """Which reading of the retrieval score (Eq. 1) the inline scorer computes (engine/head_scores.py)."""
 
     argmax_over: str = "all"  # all: every visible key (the paper, Wu et al.) | prompt: prompt keys only
     count: str = "unique"  # unique: each answer position once (Eq. 1) | repeats: every step (Wu et al.'s code)

@@ -413,7 +413,7 @@ def _shard_path(job: EvalJob, digest: str, start: int, end: int) -> Path:
 
 def merge_shards(plan: _JobPlan, keep_shards: bool) -> dict:
     """Merges a job's shards into predictions / head scores / summary; returns the summary."""
-    from engine.heads import score_table
+    from engine.head_scores import score_table
 
     job, out = plan.job, Path(plan.job.out_dir)
     table = pa.concat_tables([pq.read_table(p, schema=SHARD_SCHEMA) for p in plan.shard_paths])
@@ -534,7 +534,7 @@ def run_eval_pool(
         if not missing[job.name]:  # merge as soon as a job is complete, not at the end of the stage
             summaries[job.name] = merge_shards(plans[job.name], pool.keep_shards)
 
-    from engine.heads import HeadError
+    from engine.head_scores import HeadError
     from engine.models import ModelError
 
     stats = run_pool(

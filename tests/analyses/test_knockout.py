@@ -18,7 +18,8 @@ from analyses.knockout import (
 )
 from engine.config import EvaluateConfig, KnockoutConfig, ModelConfig
 from engine.evaluate import ModelRef
-from engine.heads import Knockout, score_table
+from engine.head_scores import score_table
+from engine.heads import Knockout
 from engine.models import load_model, load_tokenizer
 
 

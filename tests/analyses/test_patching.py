@@ -15,7 +15,8 @@ from tiny import save_tiny
 from analyses.patching import HeadSets, PatchingError, head_sets, patch_runs, run_patching
 from engine.config import EvaluateConfig, ModelConfig, PatchingConfig
 from engine.evaluate import ModelRef
-from engine.heads import Patch, score_table
+from engine.head_scores import score_table
+from engine.heads import Patch
 from engine.models import load_model, load_tokenizer
 
 REAL = {(0, 0), (0, 1), (0, 2), (1, 0)}  # H_real

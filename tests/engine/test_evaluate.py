@@ -2,7 +2,7 @@
 
 Reference: `engine.decode.greedy_decode` called directly on the same checkpoint (no Ray, no
 shards), scored with the registered `mdqa` task's `score`; head scores from
-`engine.heads.score_table` over its per-example scores.
+`engine.head_scores.score_table` over its per-example scores.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from eval_data import make_examples, write_eval_set
 from engine.config import EvaluateConfig, ModelConfig, ScoringConfig
 from engine.decode import ScoreSpans, greedy_decode
 from engine.evaluate import EvalError, EvalJob, EvalWorker, ModelRef, job_hash, run_eval_pool, run_jobs
-from engine.heads import Knockout, score_table
+from engine.head_scores import score_table
+from engine.heads import Knockout
 from engine.models import load_model, load_tokenizer
 from engine.pool import ACTOR_PREFIX, WorkItem, pool_size
 from tasks import mdqa

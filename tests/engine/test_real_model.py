@@ -16,7 +16,7 @@ import torch
 
 from engine.chat import render_completion, render_prompt
 from engine.decode import ScoreSpans, eos_token_ids, greedy_decode, token_spans
-from engine.heads import score_table
+from engine.head_scores import score_table
 from engine.models import load_model, load_tokenizer
 from tasks import mdqa, needle
 
