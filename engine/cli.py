@@ -35,7 +35,7 @@ STAGE_VERBS = {"data": "data", "train": "train", "evaluate": "evaluate", "knocko
 # Each module's own errors, by kind. A module that was never imported cannot have raised its
 # error, so only imported ones are looked up (the CLI starts without torch or Ray).
 BAD_INPUT = {"engine.config": "ConfigError", "engine.store": "StoreError", "engine.models": "ModelError",
-             "tasks.build": "DataError", "engine.evaluate": "EvalError", "engine.artifacts": "ReportError",
+             "tasks.build": "DataError", "engine.eval_jobs": "EvalError", "engine.artifacts": "ReportError",
              "engine.decode": "DecodeError", "engine.head_scores": "HeadError", "engine.train_worker": "TrainDataError",
              "analyses.knockout": "KnockoutError", "analyses.patching": "PatchingError",
              "analyses.overlap": "OverlapError", "engine.cost_inputs": "CostError",

@@ -29,373 +29,27 @@ Example:
 
 from __future__ import annotations
 
-import gc
-import hashlib
-import json
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engine.config import EVALUATE_RUNTIME, EvaluateConfig, ModelConfig, ScoringConfig
+from engine.eval_jobs import (POOL_SETTINGS, EvalError, EvalJob, ModelRef, TaskScorer, check_heads, job_hash,
+                              read_examples)
+from engine.eval_shards import (EXAMPLE_COLUMNS, PLACEMENT_COLUMNS, PREDICTION_SCHEMA, SHARD_SCHEMA, EvalWorker,
+                                LoadedModels, evaluate_shard, load_models, task_scorer)
+from engine.head_scores import HeadError, score_table
 from engine.pool import PoolStats, WorkItem, run_pool
 from engine.provenance import provenance
 from engine.store import atomic_dir, read_json, write_json, write_parquet
 
-__all__ = ["EvalError", "EvalJob", "EvalWorker", "LoadedModels", "ModelRef", "evaluate_shard", "load_models",
-           "run_eval_pool", "run_jobs"]
-
-PREDICTION_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("prediction", pa.string()),
-        ("f1", pa.float64()),
-        ("em", pa.float64()),
-        ("n_tokens", pa.int64()),  # generated tokens (EOS excluded)
-    ]
-)
-# one shard: the predictions plus where each row sits in the data file and its head scores
-SHARD_SCHEMA = pa.schema(
-    [("index", pa.int64())]
-    + list(PREDICTION_SCHEMA)
-    + [
-        ("n_layers", pa.int32()),
-        ("n_heads", pa.int32()),
-        ("retrieval", pa.list_(pa.float64())),  # [n_layers * n_heads], NaN = not counted; null = not scored
-        ("insight", pa.list_(pa.float64())),
-        ("n_steps", pa.int32()),  # scored decoding steps
-        # flat indices into [n_steps, n_layers, n_heads] of the steps at which a head retrieved
-        # (Eq. 1's event) or looked into a needle (Eq. 2's); null = not scored
-        ("retrieval_hits", pa.list_(pa.int32())),
-        ("insight_hits", pa.list_(pa.int32())),
-        # where the shard was computed: the evaluated model's device, dtype and attention backend
-        ("device", pa.string()),
-        ("dtype", pa.string()),
-        ("attn_implementation", pa.string()),
-    ]
-)
-PLACEMENT_COLUMNS = ("device", "dtype", "attn_implementation")
-# The evaluate settings that make the actor pool, one per pool; the others decide each job's decode.
-POOL_SETTINGS = ("num_actors", "cpus_per_actor", "gpus_per_actor", "shard_size", "max_retries", "timeout_s",
-                 "keep_shards")
-EXAMPLE_COLUMNS = ("index", "id", "n_layers", "n_heads", "retrieval", "insight", "n_steps", "retrieval_hits",
-                   "insight_hits")
-
-
-class EvalError(ValueError):
-    """An evaluation job that cannot run as given (bad data file, task, heads)."""
-
-
-class TaskScorer(Protocol):
-    """What evaluation needs from a task module (`tasks.get_task(name)`)."""
-
-    MAX_NEW_TOKENS: int
-    STOP_STRINGS: Sequence[str]
-
-    def score(self, prediction: str, example) -> dict: ...
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """The model section (`path`: the local base checkpoint) and, optionally, the LoRA adapter
-    fine-tuned on it (merged on load)."""
-
-    model: ModelConfig
-    adapter_dir: str | None = None
-
-
-@dataclass(frozen=True)
-class EvalJob:
-    """One model on one data file, with an optional knockout or patch.
-
-    Attributes:
-        name: unique label of the job (the key of `run_jobs`' result).
-        model: the evaluated model (model B when patching); its `chat_template` decides how
-            prompts are rendered (None: the tokenizer's template when it has one).
-        task: task registry name; its `score`, `MAX_NEW_TOKENS`, `STOP_STRINGS` are used.
-        data_path: Parquet file in `tasks.example.SCHEMA`.
-        out_dir: where predictions, head scores, summary and shards go.
-        evaluate: the evaluate section: `batch_size`, `max_new_tokens` (None: the task's),
-            `limit`, `insight_strict`, and `gpus_per_actor`, which places the models.
-        scoring: the scoring section (the readings of Eq. 1); None decodes without head scores.
-        knockout: heads `(layer, head)` whose outputs are zeroed.
-        patch_source: model A, whose head outputs are patched into `model` over the prompt.
-        patch_heads: the heads patched from `patch_source`.
-    """
-
-    name: str
-    model: ModelRef
-    task: str
-    data_path: str
-    out_dir: str
-    evaluate: EvaluateConfig = EvaluateConfig()
-    scoring: ScoringConfig | None = ScoringConfig()
-    knockout: tuple[tuple[int, int], ...] | None = None
-    patch_source: ModelRef | None = None
-    patch_heads: tuple[tuple[int, int], ...] | None = None
-
-    def __post_init__(self):
-        if self.knockout is not None and self.patch_source is not None:
-            raise EvalError(f"job {self.name}: knockout and patching together are not supported")
-        if (self.patch_source is None) != (self.patch_heads is None):
-            raise EvalError(f"job {self.name}: patch_source and patch_heads go together")
-
-    @property
-    def models_key(self) -> tuple[ModelRef, ModelRef | None]:
-        """What an actor must hold to run this job; shards with the same key share actors."""
-        return (self.model, self.patch_source)
-
-
-# --------------------------------------------------------------------------- worker side
-
-
-@dataclass(frozen=True)
-class LoadedModels:
-    """The model pair an actor holds."""
-
-    key: tuple[ModelRef, ModelRef | None]
-    model: Any
-    tokenizer: Any
-    source: Any = None  # patch source (model A)
-
-
-def load_models(job: EvalJob) -> LoadedModels:
-    """Loads the job's model (adapter merged), tokenizer and patch source, each placed as
-    `engine.placement.resolve_placement` says for its model section and the actor's GPUs."""
-    from engine.models import load_tokenizer
-    from engine.placement import load_configured, resolve_placement
-
-    def load(ref: ModelRef):
-        return load_configured(ref.model, resolve_placement(ref.model, job.evaluate.gpus_per_actor), ref.adapter_dir)
-
-    source = load(job.patch_source) if job.patch_source is not None else None
-    return LoadedModels(
-        key=job.models_key,
-        model=load(job.model),
-        tokenizer=load_tokenizer(job.model.model.path, trust_remote_code=job.model.model.trust_remote_code),
-        source=source,
-    )
-
-
-def task_scorer(name: str) -> TaskScorer:
-    from tasks import get_task
-
-    return get_task(name)
-
-
-def evaluate_shard(
-    loaded: LoadedModels, job: EvalJob, example_rows: Sequence[dict], start: int = 0,
-    scorer: TaskScorer | None = None,
-) -> pa.Table:
-    """Decodes and scores one shard; returns its rows in `SHARD_SCHEMA`.
-
-    Args:
-        loaded: the models of `job.models_key`.
-        job: what to run.
-        example_rows: rows of the data file (`tasks.example.SCHEMA` dicts).
-        start: index of the first row in the data file (keeps the merged order).
-        scorer: the task module; None looks up `job.task` in the task registry.
-    """
-    from engine.chat import has_chat_template
-    from engine.decode import ScoreSpans, greedy_decode
-    from engine.heads import Knockout, Patch
-    from engine.placement import held
-    from tasks.example import Example
-
-    if loaded.key != job.models_key:
-        raise EvalError(f"job {job.name}: worker holds {loaded.key}, job needs {job.models_key}")
-    scorer = scorer or task_scorer(job.task)
-    examples = [Example.from_row(row) for row in example_rows]
-    spans = None
-    if job.scoring is not None:
-        spans = [
-            ScoreSpans(
-                answer_spans=tuple((s.start, s.end) for s in e.answer_spans),
-                needle_spans=tuple((s.start, s.end) for s in e.needle_spans),
-            )
-            for e in examples
-        ]
-    intervention = None
-    if job.knockout:
-        intervention = Knockout(heads=tuple(tuple(h) for h in job.knockout))
-    elif job.patch_source is not None:
-        intervention = Patch(source=loaded.source, heads=tuple(tuple(h) for h in job.patch_heads))
-    scoring = job.scoring or ScoringConfig()  # its readings only matter when spans are given
-    chat = job.model.model.chat_template
-    decoded = greedy_decode(
-        loaded.model,
-        loaded.tokenizer,
-        [e.prompt for e in examples],
-        max_new_tokens=job.evaluate.max_new_tokens or scorer.MAX_NEW_TOKENS,
-        stop_strings=tuple(scorer.STOP_STRINGS),
-        batch_size=job.evaluate.batch_size,
-        spans=spans,
-        intervention=intervention,
-        insight_strict=job.evaluate.insight_strict,
-        argmax_over=scoring.argmax_over,
-        count=scoring.count,
-        chat_template=has_chat_template(loaded.tokenizer) if chat is None else chat,
-    )
-    placement = held(loaded.model)
-    rows = []
-    for offset, (example, out) in enumerate(zip(examples, decoded)):
-        metrics = scorer.score(out.text, example)
-        shape = next((s.shape for s in (out.retrieval, out.insight) if s is not None), (0, 0))
-        rows.append(
-            {
-                "index": start + offset,
-                "id": example.id,
-                "prediction": out.text,
-                "f1": float(metrics["f1"]),
-                "em": float(metrics["em"]),
-                "n_tokens": len(out.token_ids),
-                "n_layers": shape[0],
-                "n_heads": shape[1],
-                "retrieval": None if out.retrieval is None else out.retrieval.ravel().tolist(),
-                "insight": None if out.insight is None else out.insight.ravel().tolist(),
-                "n_steps": 0 if out.retrieval_hits is None else len(out.retrieval_hits),
-                "retrieval_hits": _flat_hits(out.retrieval_hits),
-                "insight_hits": _flat_hits(out.insight_hits),
-                "device": placement.device,
-                "dtype": placement.dtype,
-                "attn_implementation": placement.attn_implementation,
-            }
-        )
-    return pa.Table.from_pylist(rows, schema=SHARD_SCHEMA)
-
-
-def _flat_hits(hits) -> list[int] | None:
-    return None if hits is None else np.flatnonzero(hits).astype(np.int32).tolist()
-
-
-class EvalWorker:
-    """One pool actor: holds at most one model pair and evaluates shards with it.
-
-    A plain class; `engine.pool` wraps it with `ray.remote`. `torch_threads` is one per CPU
-    reserved for the actor, so actors on one machine do not oversubscribe its cores.
-    """
-
-    def __init__(self, torch_threads: int = 1, scorer: TaskScorer | None = None):
-        import torch
-
-        torch.set_num_threads(max(1, int(torch_threads)))
-        self.scorer = scorer
-        self.loaded: LoadedModels | None = None
-        self.loads = 0  # how often a model pair was loaded (tests, logs)
-
-    def ready(self) -> int:
-        """Returns once the process is up with the decoding libraries imported."""
-        import engine.decode  # noqa: F401  (torch, transformers: seconds, paid once per actor)
-
-        return os.getpid()
-
-    def run(self, job: EvalJob, start: int, rows: list[dict]) -> pa.Table:
-        if self.loaded is None or self.loaded.key != job.models_key:
-            self.loaded = None  # free the old pair before loading the next one
-            gc.collect()
-            self.loaded = load_models(job)
-            self.loads += 1
-        return evaluate_shard(self.loaded, job, rows, start=start, scorer=self.scorer)
-
-    def held(self) -> dict | None:
-        """The device, dtype and attention backend of the model this actor holds (None: none yet)."""
-        from engine.placement import held
-
-        return None if self.loaded is None else asdict(held(self.loaded.model))
-
-
-# --------------------------------------------------------------------------- driver side
-
-
-def _file_digest(path: Path) -> bytes:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").digest()
-
-
-def _model_fingerprint(ref: ModelRef | None, digest) -> None:
-    """Adds what identifies a model's weights: adapter contents, base config and weight files.
-
-    A retrained adapter at the same path must not reuse old shards; base weights (many GB)
-    are identified by file names, sizes and modification times instead of contents.
-    """
-    if ref is None:
-        return
-    if ref.adapter_dir is not None:
-        for path in sorted(Path(ref.adapter_dir).glob("*.safetensors")) + sorted(Path(ref.adapter_dir).glob("*.json")):
-            digest.update(path.name.encode() + _file_digest(path))
-    base = Path(ref.model.path)
-    if base.is_dir():
-        if (base / "config.json").exists():
-            digest.update(_file_digest(base / "config.json"))
-        for path in sorted(base.glob("*.safetensors")):
-            stat = path.stat()
-            digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-
-
-def job_hash(job: EvalJob) -> str:
-    """Hash of everything that decides a job's shard results (not its name, out_dir, or how
-    many actors, CPUs, retries and how long a timeout its pool has)."""
-    fields = asdict(job)
-    fields.pop("name"), fields.pop("out_dir")
-    for key in EVALUATE_RUNTIME:
-        fields["evaluate"].pop(key)
-    data = Path(job.data_path)
-    if not data.is_file():
-        raise EvalError(f"job {job.name}: data file {data} does not exist")
-    digest = hashlib.sha256()
-    digest.update(json.dumps(fields, sort_keys=True, default=str).encode())
-    digest.update(_file_digest(data))
-    _model_fingerprint(job.model, digest)
-    _model_fingerprint(job.patch_source, digest)
-    return digest.hexdigest()[:16]
-
-
-def check_heads(job: EvalJob) -> None:
-    """Knockout and patch heads must exist in the model (checked from a local config.json)."""
-    config_path = Path(job.model.model.path) / "config.json"
-    heads = (job.knockout or ()) + (job.patch_heads or ())
-    if not heads or not config_path.exists():
-        return
-    config = json.loads(config_path.read_text())
-    n_layers, n_heads = config.get("num_hidden_layers"), config.get("num_attention_heads")
-    if n_layers is None or n_heads is None:
-        return
-    bad = [tuple(h) for h in heads if not (0 <= h[0] < n_layers and 0 <= h[1] < n_heads)]
-    if bad:
-        raise EvalError(f"job {job.name}: heads {bad} do not exist in {config_path} "
-                        f"({n_layers} layers x {n_heads} heads)")
-
-
-def read_examples(data_path: str, limit: int | None = None) -> list[dict]:
-    """The first `limit` example rows of a data file, checked against the example schema.
-
-    Errors name the file and the row.
-    """
-    from tasks.example import SCHEMA, Example
-
-    path = Path(data_path)
-    if not path.exists():
-        raise EvalError(f"data file {path} does not exist")
-    table = pq.read_table(path)
-    missing = [name for name in SCHEMA.names if name not in table.column_names]
-    if missing:
-        raise EvalError(f"{path}: missing column(s) {missing} of the example schema")
-    rows = table.select(SCHEMA.names).to_pylist()
-    if limit is not None:
-        rows = rows[:limit]
-    for i, row in enumerate(rows):
-        try:
-            Example.from_row(row)
-        except (KeyError, TypeError, ValueError) as err:
-            raise EvalError(f"{path}: row {i} (id {row.get('id')!r}) is not a valid example: {err}") from err
-    if not rows:
-        raise EvalError(f"{path}: no examples")
-    return rows
+# The stage's public face: jobs (engine.eval_jobs), shards (engine.eval_shards) and the driver.
+__all__ = ["EvalError", "EvalJob", "EvalWorker", "LoadedModels", "ModelRef", "PREDICTION_SCHEMA", "SHARD_SCHEMA",
+           "evaluate_shard", "job_hash", "load_models", "read_examples", "run_eval_pool", "run_jobs"]
 
 
 @dataclass(frozen=True)
@@ -413,8 +67,6 @@ def _shard_path(job: EvalJob, digest: str, start: int, end: int) -> Path:
 
 def merge_shards(plan: _JobPlan, keep_shards: bool) -> dict:
     """Merges a job's shards into predictions / head scores / summary; returns the summary."""
-    from engine.head_scores import score_table
-
     job, out = plan.job, Path(plan.job.out_dir)
     table = pa.concat_tables([pq.read_table(p, schema=SHARD_SCHEMA) for p in plan.shard_paths])
     table = table.sort_by("index")
@@ -534,8 +186,7 @@ def run_eval_pool(
         if not missing[job.name]:  # merge as soon as a job is complete, not at the end of the stage
             summaries[job.name] = merge_shards(plans[job.name], pool.keep_shards)
 
-    from engine.head_scores import HeadError
-    from engine.models import ModelError
+    from engine.models import ModelError  # torch: loaded where a pool runs, not where jobs are planned
 
     stats = run_pool(
         EvalWorker,

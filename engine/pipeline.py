@@ -25,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from engine import config as cfg
 from engine.config import Experiment, Run
-from engine.evaluate import EvalJob, ModelRef
+from engine.eval_jobs import EvalJob, ModelRef
 from engine.progress import heartbeat, plain_lines
 from engine.store import RunStore, StoreError, clear_stale_temps, read_json, write_json
 from engine.train_spec import TrainSpec
