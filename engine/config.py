@@ -34,7 +34,7 @@ SYNTHETIC_VARIANTS = ("hh", "hl", "lh", "ll", "symbolic")
 LIMITED = "real_limited"
 # A named limited variant, `real_limited_<name>`: one more `real_limited` subset with its own
 # options (the paper's MDQA L1-L3). The name may not hold "-" or "@": labels append "-s<seed>"
-# and "@<key>=<value>" to it, and readers of the run directory split them off there.
+# and "@<key>=<value>" to it (`run_label`), and `label_variant` splits them off there.
 NAMED_LIMITED = re.compile(rf"{LIMITED}_[a-z0-9_]+")
 STAGES = ("data", "train", "evaluate", "knockout", "patching", "report")
 
@@ -597,13 +597,23 @@ def expand(experiment: Experiment) -> list[Run]:
             for seed in seeds:
                 for combo in combos if variant != "base" else [()]:
                     overrides = tuple(zip(sweep_keys, combo))
-                    label = variant
-                    if len(experiment.seeds) > 1 and variant != "base":
-                        label += f"-s{seed}"
-                    for key, value in overrides:
-                        label += f"@{key.split('.', 1)[1]}={value}"
+                    seeded = len(experiment.seeds) > 1 and variant != "base"
+                    label = run_label(variant, seed if seeded else None, overrides)
                     runs.append(Run(task.name, variant, seed, overrides, label))
     return runs
+
+
+def run_label(variant: str, seed: int | None = None, overrides: typing.Sequence[tuple[str, Any]] = ()) -> str:
+    """A run's label, its directory name under models/ and eval/: the variant, `-s<seed>` when the
+    grid has several seeds, `@<key>=<value>` per swept train key (`hh-s1@lr=0.0001`)."""
+    label = variant if seed is None else f"{variant}-s{seed}"
+    return label + "".join(f"@{key.split('.', 1)[-1]}={value}" for key, value in overrides)
+
+
+def label_variant(label: str) -> str:
+    """The variant a run label names (`run_label`'s inverse for the variant): "hh-s1" and
+    "hh@lr=0.0001" are both "hh". Variant names hold neither "-" nor "@"."""
+    return re.split(r"[-@]", label, maxsplit=1)[0]
 
 
 def task_options(task: TaskConfig, variant: str) -> dict:
