@@ -30,12 +30,16 @@ import re
 from dataclasses import dataclass
 
 from .drills import drill
+from .spec import MiniatureError
 from .world import WORD_PATTERN
 
 COPY_MARK = "Copy"
 LOOKUP_MARK = "Query"
 TASKS = ("mdqa", "musique", "summhay")
 KINDS = ("copy", "lookup", "mdqa", "musique", "summhay", "qa")
+# Draws at the full context a drill gets before its kind is declared too long for the context
+# (MuSiQue's three hops and their documents need ~100 tokens; at 64 no draw ever fits).
+FULL_LENGTH_DRAWS = 100
 # The miniature's task options, at its pretraining length and 4x it (experiments/demo.yaml
 # sets the same; a test holds them equal): MuSiQue writes its hops before the final answer,
 # since three lookups in one step are beyond a four-layer model; SummHay cites two of eight
@@ -235,8 +239,14 @@ class PretrainingMix:
             # A drill needs room for its documents and questions: when a draw does not fit,
             # the next draws take the full length (the batch is padded to its longest item).
             made = drill(kind, rng, self.world, self.tokenizer, length)
-            while made is None:
+            for _ in range(FULL_LENGTH_DRAWS):
+                if made is not None:
+                    break
                 made = drill(kind, rng, self.world, self.tokenizer, self.context)
+            if made is None:  # the drill does not fit the context at all: never loop forever on it
+                raise MiniatureError(f"miniature.context {self.context}: no {kind} drill fits in {self.context} "
+                                     f"tokens ({FULL_LENGTH_DRAWS} draws); raise miniature.context or give {kind} "
+                                     f"weight 0 in miniature.mix")
             ids, labels = made
             if rng.random() < self.lm_share:
                 labels = list(ids)

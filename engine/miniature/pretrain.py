@@ -34,7 +34,7 @@ import torch
 from .checks import retrieval_accuracy, summary
 from .corpus import PretrainingMix, encode_qa, prompt_words, task_examples
 from .sources import SourceSizes, render_sources, write_atomic
-from .spec import MiniatureSpec
+from .spec import MiniatureError, MiniatureSpec
 from .tokenizer import build_tokenizer, vocabulary
 from .world import build_world
 
@@ -44,10 +44,6 @@ SOURCES = "sources"
 # The base model shipped with the repository (pretrained by `needlework miniature pretrain --ship`).
 SHIPPED = Path(__file__).resolve().parents[2] / "data" / "miniature"
 CHECKPOINT_STEPS = 500  # a killed pretraining resumes from here (not part of the recipe)
-
-
-class MiniatureError(RuntimeError):
-    """The pretrained miniature does not retrieve by content at its own length."""
 
 
 def default_cache_dir() -> Path:

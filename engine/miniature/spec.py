@@ -12,6 +12,11 @@ import dataclasses
 from dataclasses import dataclass
 
 
+class MiniatureError(RuntimeError):
+    """The miniature cannot be pretrained as its recipe says, or the pretrained one does not
+    retrieve by content at its own length."""
+
+
 @dataclass(frozen=True)
 class MiniatureSpec:
     """Everything that determines the miniature base model (the cache key).

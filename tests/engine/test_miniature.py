@@ -423,6 +423,20 @@ def test_lm_share_puts_loss_on_every_token_of_drills_and_prompts(tokenizer, worl
             assert full == (expect_full and kind != "copy"), (share, kind)
 
 
+def test_a_drill_that_never_fits_the_context_is_an_error_not_a_loop(tokenizer, world):
+    from engine.miniature.spec import MiniatureError
+
+    qa = [([tokenizer.bos_token_id] + [7] * 60, 50)] * 5
+    only_musique = (0.0, 0.0, 0.0, 1.0, 0.0, 0.0)
+    fits = PretrainingMix(tokenizer, qa, context=192, size=8, seed=0, batch_size=8, weights=only_musique, world=world)
+    assert any(label != -100 for label in fits[0]["labels"])
+    too_short = PretrainingMix(tokenizer, qa, context=64, size=8, seed=0, batch_size=8, weights=only_musique,
+                               world=world)
+    with pytest.raises(MiniatureError, match=r"^miniature.context 64: no musique drill fits in 64 tokens \(100 "
+                                             r"draws\); raise miniature.context or give musique weight 0"):
+        too_short[0]
+
+
 def test_pretraining_mix_ramp_grows_length_and_other_kinds_together(tokenizer, world):
     qa = [([tokenizer.bos_token_id] + [7] * 60, 50)] * 5
     mix = PretrainingMix(tokenizer, qa, context=192, size=8 * 300, seed=0, batch_size=8, phase1=50,
@@ -571,7 +585,8 @@ def test_an_interrupted_pretraining_resumes_from_its_checkpoint(tmp_path, monkey
 
     monkeypatch.setattr(pretrain_module, "SHIPPED", tmp_path / "no-shipped-base")
     monkeypatch.setattr(pretrain_module, "CHECKPOINT_STEPS", 4)
-    spec = dataclasses.replace(TINY, steps=8, phase1_steps=2, ramp_steps=2)
+    # past phase 1 and the ramp, at 64 tokens: copy, lookup and QA (no task drill fits in 64)
+    spec = dataclasses.replace(TINY, steps=8, phase1_steps=2, ramp_steps=2, mix=(0.6, 0.1, 0.0, 0.0, 0.0, 0.3))
     whole = ensure_base_model(spec, cache_dir=tmp_path / "whole", progress=False)
 
     class Kill(TrainerCallback):
@@ -692,7 +707,8 @@ def test_rope_jitter_trains_at_raised_bases_after_phase_one_and_restores_the_bas
 
     from transformers import LlamaForCausalLM
 
-    spec = MiniatureSpec(**{**TINY.__dict__, "phase1_steps": 3, "rope_jitter": 8.0})
+    # rope_jitter_from None: jitter from the end of phase 1 (the shipped recipe starts it at step 5600)
+    spec = MiniatureSpec(**{**TINY.__dict__, "phase1_steps": 3, "rope_jitter": 8.0, "rope_jitter_from": None})
     model = LlamaForCausalLM(pretrain_module.llama_config(spec, tokenizer))
     jitter = pretrain_module.rope_jitter_callback(spec)
     head_dim = spec.hidden // spec.n_heads
