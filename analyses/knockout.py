@@ -12,12 +12,13 @@ once per seed. All runs go through one actor pool (`engine.evaluate.run_jobs`). 
 of the model's own scores; the random control still draws from every other head of the model.
 
 Example:
-    >>> from engine.evaluate import ModelRef, PoolConfig
+    >>> from engine.config import EvaluateConfig, KnockoutConfig, ModelConfig
+    >>> from engine.evaluate import ModelRef
     >>> table = run_knockout(
-    ...     model=ModelRef("runs/demo/base", "runs/demo/models/mdqa/real"), task="mdqa",
+    ...     model=ModelRef(ModelConfig("mini", "runs/demo/base"), "runs/demo/models/mdqa/real"), task="mdqa",
     ...     head_scores="runs/demo/eval/mdqa/real/own/head_scores.parquet", kind="retrieval",
-    ...     data_path="runs/demo/data/mdqa/real/eval.parquet", ks=(0, 4, 8), seeds=(0, 1, 2),
-    ...     out_dir="runs/demo/knockout/mdqa/real", pool=PoolConfig())
+    ...     data_path="runs/demo/data/mdqa/real/eval.parquet", out_dir="runs/demo/knockout/mdqa/real",
+    ...     knockout=KnockoutConfig(ks=(0, 4, 8), seeds=(0, 1, 2)), evaluate=EvaluateConfig())
     >>> knockout_curve(table).to_pylist()   # k, selection, f1_mean, f1_std, n_runs
 
 Output `knockout.parquet`: k, selection ("top" | "random"), seed (-1 for top), heads (list of
@@ -35,8 +36,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from engine.evaluate import EvalJob, ModelRef, PoolConfig, run_jobs
-from engine.heads import Head
+from engine.config import EvaluateConfig, KnockoutConfig
+from engine.evaluate import EvalJob, ModelRef, run_jobs
+from engine.head_scores import Head
 from engine.store import read_parquet, write_parquet
 
 KNOCKOUT_SCHEMA = pa.schema(
@@ -76,7 +78,7 @@ def ranked_heads(head_scores: pa.Table, kind: str, source: str = "head_scores") 
     """Every head of `kind`, best score first; ties and unscored (NaN) heads by (layer, head).
 
     Args:
-        head_scores: table with layer, head, kind, score (`engine.heads.score_table`).
+        head_scores: table with layer, head, kind, score (`engine.head_scores.score_table`).
         kind: "retrieval" or "insight".
         source: file name for error messages.
     """
@@ -136,27 +138,23 @@ def knockout_jobs(
     head_scores: str,
     kind: str,
     data_path: str,
-    ks: Sequence[int],
-    seeds: Sequence[int] = (0, 1, 2),
     out_dir: str,
-    batch_size: int = 4,
-    max_new_tokens: int | None = None,
-    limit: int | None = None,
-    heads_from: str | None = None,
-    chat_template: bool = False,
+    knockout: KnockoutConfig,
+    evaluate: EvaluateConfig,
 ) -> list[KnockoutRun]:
     """The knockout sweep as evaluation jobs (no head scoring), top and random per k.
 
     k = 0 is the intact model (one "top" run, no random runs). Jobs write under
     `<out_dir>/jobs/<name>/`. `head_scores` (the model's own) lists every head of the model;
-    `heads_from`, when given, ranks them instead (`external_ranking`).
+    `knockout.heads_from`, when given, ranks them instead (`external_ranking`). The k sweep and
+    the random seeds are `knockout.ks` and `knockout.seeds`; each job decodes with `evaluate`.
     """
     ranking = ranked_heads(read_parquet(head_scores), kind, source=head_scores)
     ranked, source = len(ranking), head_scores
-    if heads_from is not None:
-        ranking, ranked = external_ranking(heads_from, kind, ranking)
-        source = heads_from
-    ks = sorted({int(k) for k in ks})
+    if knockout.heads_from is not None:
+        ranking, ranked = external_ranking(knockout.heads_from, kind, ranking)
+        source = knockout.heads_from
+    ks = sorted({int(k) for k in knockout.ks})
     if ks and (ks[0] < 0 or ks[-1] > ranked):
         raise KnockoutError(f"ks {ks} must lie in [0, {ranked}] (heads ranked in {source})")
 
@@ -167,12 +165,9 @@ def knockout_jobs(
             task=task,
             data_path=data_path,
             out_dir=str(Path(out_dir) / "jobs" / name),
-            score_heads=False,
+            evaluate=evaluate,
+            scoring=None,
             knockout=heads or None,
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
-            limit=limit,
-            chat_template=chat_template,
         )
 
     runs = []
@@ -181,7 +176,7 @@ def knockout_jobs(
         runs.append(KnockoutRun(k, "top", -1, top, job(f"k{k}-top", top)))
         if k == 0:
             continue
-        for seed in seeds:
+        for seed in knockout.seeds:
             heads = random_heads(ranking, k, int(seed))
             runs.append(KnockoutRun(k, "random", int(seed), heads, job(f"k{k}-random-s{seed}", heads)))
     return runs
@@ -194,33 +189,23 @@ def run_knockout(
     head_scores: str,
     kind: str,
     data_path: str,
-    ks: Sequence[int],
-    seeds: Sequence[int] = (0, 1, 2),
     out_dir: str,
-    pool: PoolConfig,
-    batch_size: int = 4,
-    max_new_tokens: int | None = None,
-    limit: int | None = None,
-    chat_template: bool = False,
+    knockout: KnockoutConfig,
+    evaluate: EvaluateConfig,
     show_progress: bool = True,
     scorer=None,
-    heads_from: str | None = None,
 ) -> pa.Table:
     """Runs the knockout sweep on one actor pool and writes `<out_dir>/knockout.parquet`.
 
-    Args: as `knockout_jobs` (`chat_template` as `engine.evaluate.EvalJob`), plus `pool` (actor
-    resources), `show_progress` and `scorer`
-    (a task-like object instead of the task registry, see `engine.evaluate.run_jobs`).
+    Args: as `knockout_jobs` (`evaluate` also sizes the actor pool), plus `show_progress` and
+    `scorer` (a task-like object instead of the task registry, see `engine.evaluate.run_jobs`).
 
     Returns:
         The knockout table (KNOCKOUT_SCHEMA), one row per run.
     """
-    runs = knockout_jobs(
-        model=model, task=task, head_scores=head_scores, kind=kind, data_path=data_path, ks=ks, seeds=seeds,
-        out_dir=out_dir, batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit, heads_from=heads_from,
-        chat_template=chat_template,
-    )
-    summaries = run_jobs([r.job for r in runs], pool, show_progress=show_progress, scorer=scorer)
+    runs = knockout_jobs(model=model, task=task, head_scores=head_scores, kind=kind, data_path=data_path,
+                         out_dir=out_dir, knockout=knockout, evaluate=evaluate)
+    summaries = run_jobs([r.job for r in runs], show_progress=show_progress, scorer=scorer)
     table = pa.Table.from_pylist(
         [
             {

@@ -20,7 +20,6 @@ Example:
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from engine.config import label_variant
 from engine.stats import spearman_permutation
 from engine.store import atomic_dir, write_parquet
 
@@ -248,8 +249,8 @@ def task_overlap(
                 "n_eval": (n_eval or {}).get(v, 0),
             }
         )
-    excluded = {_variant_name(reference), *NOT_CORRELATED}
-    points = [c for c in counts if _variant_name(c["variant"]) not in excluded]
+    excluded = {label_variant(reference), *NOT_CORRELATED}
+    points = [c for c in counts if label_variant(c["variant"]) not in excluded]
     f1s = [c["f1"] for c in points]
     spearman_rows = []
     for metric in ("recall_vs_real", "cosine_vs_real"):
@@ -332,15 +333,10 @@ def _write_overlap(run_dir: Path, out: Path, final: Path, tasks, variants, kind_
     return written
 
 
-def _variant_name(label: str) -> str:
-    """The variant a label names: "hh-s1" and "hh@lr=0.0001" are both "hh"."""
-    return re.split(r"[-@]", label, maxsplit=1)[0]
-
-
 def _reference_label(labels: list[str], reference: str) -> str:
     if reference in labels:
         return reference
-    return next((v for v in labels if _variant_name(v) == reference), reference)
+    return next((v for v in labels if label_variant(v) == reference), reference)
 
 
 def _common_shape(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

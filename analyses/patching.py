@@ -13,14 +13,15 @@ head-score file (`analyses.interop`: a published score file or list, another mod
 instead of the source model's own scores.
 
 Example:
-    >>> from engine.evaluate import ModelRef, PoolConfig
+    >>> from engine.config import EvaluateConfig, ModelConfig, PatchingConfig
+    >>> from engine.evaluate import ModelRef
+    >>> mini = ModelConfig("mini", "runs/demo/base")
     >>> table = run_patching(
-    ...     target=ModelRef("runs/demo/base", "runs/demo/models/mdqa/hh"),
-    ...     source=ModelRef("runs/demo/base", "runs/demo/models/mdqa/real"), task="mdqa",
-    ...     target_scores="runs/demo/eval/mdqa/hh/own/head_scores.parquet",
+    ...     target=ModelRef(mini, "runs/demo/models/mdqa/hh"), source=ModelRef(mini, "runs/demo/models/mdqa/real"),
+    ...     task="mdqa", target_scores="runs/demo/eval/mdqa/hh/own/head_scores.parquet",
     ...     source_scores="runs/demo/eval/mdqa/real/own/head_scores.parquet", kind="retrieval",
-    ...     data_path="runs/demo/data/mdqa/real/eval.parquet", seeds=(0,),
-    ...     out_dir="runs/demo/patching/mdqa/hh", pool=PoolConfig())
+    ...     data_path="runs/demo/data/mdqa/real/eval.parquet", out_dir="runs/demo/patching/mdqa/hh",
+    ...     patching=PatchingConfig(seeds=(0,)), evaluate=EvaluateConfig())
     >>> table.select(["set", "n_heads", "f1", "gain"]).to_pylist()
 
 Output `patching.parquet`: set ("none" | "inter" | "compl" | "random"), n_heads, seed, f1,
@@ -39,8 +40,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from analyses.knockout import example_f1, head_label
-from engine.evaluate import EvalJob, ModelRef, PoolConfig, read_examples, run_jobs
-from engine.heads import Head
+from engine.config import EvaluateConfig, PatchingConfig
+from engine.evaluate import EvalJob, ModelRef, read_examples, run_jobs
+from engine.head_scores import Head
 from engine.store import read_parquet, write_parquet
 
 SETS = ("inter", "compl", "random")
@@ -146,13 +148,12 @@ def patch_runs(
     data_path: str,
     seeds: Sequence[int],
     out_dir: str,
-    batch_size: int = 4,
-    max_new_tokens: int | None = None,
-    limit: int | None = None,
+    evaluate: EvaluateConfig = EvaluateConfig(),
     with_unpatched: bool = True,
-    chat_template: bool = False,
 ) -> list[PatchRun]:
-    """Rows of the patching table and their jobs; equal head sets share one job."""
+    """Rows of the patching table and their jobs; equal head sets share one job. Every job
+    decodes with `evaluate`, without head scores (scoring never changes what is decoded, so
+    an unpatched row may reuse the evaluation stage's scored predictions)."""
 
     def job(name: str, heads: tuple[Head, ...] | None) -> EvalJob:
         return EvalJob(
@@ -161,15 +162,10 @@ def patch_runs(
             task=task,
             data_path=data_path,
             out_dir=str(Path(out_dir) / "jobs" / name),
-            # scored like the evaluation stage, so the decode path (and its float rounding)
-            # matches the unpatched predictions reused from there; scoring costs next to nothing
-            score_heads=True,
+            evaluate=evaluate,
+            scoring=None,
             patch_source=source if heads is not None else None,
             patch_heads=heads,
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
-            limit=limit,
-            chat_template=chat_template,
         )
 
     runs = [PatchRun("none", -1, (), job("none", None) if with_unpatched else None)]
@@ -210,16 +206,11 @@ def run_patching(
     kind: str,
     data_path: str,
     out_dir: str,
-    pool: PoolConfig,
-    seeds: Sequence[int] = (0,),
+    patching: PatchingConfig,
+    evaluate: EvaluateConfig,
     unpatched_predictions: str | None = None,
-    batch_size: int = 4,
-    max_new_tokens: int | None = None,
-    limit: int | None = None,
-    chat_template: bool = False,
     show_progress: bool = True,
     scorer=None,
-    heads_from: str | None = None,
 ) -> pa.Table:
     """Patches H_inter, H_compl and random head sets from `source` into `target`; writes patching.parquet.
 
@@ -232,25 +223,23 @@ def run_patching(
         kind: "retrieval" or "insight".
         data_path: the real task's evaluation set.
         out_dir: gets patching.parquet and jobs/.
-        pool: actor pool resources.
-        seeds: one sample of each set per seed.
+        patching: the patching section: `seeds` (one sample of each set per seed) and
+            `heads_from` (a head-score file whose heads with score > 0 stand for H_real).
+        evaluate: the evaluate section: how each job decodes and the actor pool.
         unpatched_predictions: X's predictions.parquet on the same set; reused for the "none"
             row instead of decoding again. None decodes it here.
-        batch_size, max_new_tokens, limit, chat_template: as `engine.evaluate.EvalJob`.
         show_progress: rich progress bar.
         scorer: a task-like object instead of the task registry.
-        heads_from: a head-score file whose heads with score > 0 stand for H_real.
     """
-    sets = head_sets(source_scores, target_scores, kind, heads_from)
+    sets = head_sets(source_scores, target_scores, kind, patching.heads_from)
     runs = patch_runs(
-        sets, target=target, source=source, task=task, data_path=data_path, seeds=seeds, out_dir=out_dir,
-        batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit,
-        with_unpatched=unpatched_predictions is None, chat_template=chat_template,
+        sets, target=target, source=source, task=task, data_path=data_path, seeds=patching.seeds, out_dir=out_dir,
+        evaluate=evaluate, with_unpatched=unpatched_predictions is None,
     )
     jobs = list({r.job.name: r.job for r in runs if r.job is not None}.values())
-    summaries = run_jobs(jobs, pool, show_progress=show_progress, scorer=scorer) if jobs else {}
+    summaries = run_jobs(jobs, show_progress=show_progress, scorer=scorer) if jobs else {}
     none = summaries[runs[0].job.name] if runs[0].job is not None else unpatched_summary(
-        unpatched_predictions, data_path, limit
+        unpatched_predictions, data_path, evaluate.limit
     )
     none_f1 = example_f1(runs[0].job) if runs[0].job is not None else \
         read_parquet(unpatched_predictions)["f1"].to_pylist()

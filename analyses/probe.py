@@ -178,7 +178,7 @@ def run_probe(experiment: cfg.Experiment, budgets: Sequence[int], variants: Sequ
         scored.append((key, digest, out))
     if jobs:
         pl.console.print(f"[bold]probe[/] scoring {len(jobs)} short tune(s) on the real validation data")
-        run_jobs(jobs, pl.pool_config(experiment))
+        run_jobs(jobs)
         for key, digest, out in scored:
             store.mark_done(key, digest, out)
 

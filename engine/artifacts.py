@@ -11,13 +11,12 @@ Example:
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from engine.config import variant_kind
+from engine.config import label_variant, variant_kind
 
 TASK_ORDER = ("mdqa", "musique", "summhay")
 VARIANT_ORDER = ("real", "real_limited", "hh", "hl", "lh", "ll", "symbolic", "base")
@@ -85,7 +84,7 @@ def patching_summary(rows: list[dict]) -> dict[str, dict[str, float]]:
 
 def task_grids(run: Path, task: str) -> tuple[str, dict[str, np.ndarray]]:
     counts = read(run / "overlap" / task / "counts.parquet") or []
-    kind = counts[0]["kind"] if counts else ("insight" if task.startswith("summhay") else "retrieval")
+    kind = counts[0]["kind"] if counts else default_head_kind(task)
     tables = {v: read(run / "eval" / task / v / "own" / "head_scores.parquet") for v in variants(run, [task])}
     tables = {v: [r for r in t if r["kind"] == kind] for v, t in tables.items() if t}
     tables = {v: t for v, t in tables.items() if t}
@@ -130,9 +129,18 @@ def variants(run: Path, tasks: list[str]) -> list[str]:
     return ordered_names({v for t in tasks for v in subdirs(run / "eval" / t)})
 
 
+def default_head_kind(task: str) -> str:
+    """The head score a task's H_X is defined by, as the task module states it (`HEAD_KIND`);
+    "retrieval" for a task the registry does not know."""
+    from tasks import TASKS
+
+    module = TASKS.get(task)
+    return module.HEAD_KIND if module is not None else "retrieval"
+
+
 def base(label: str) -> str:
     """The variant a label names: "hh-s1" and "hh@lr=0.0001" are both "hh"."""
-    return re.split(r"[-@]", label, maxsplit=1)[0]
+    return label_variant(label)
 
 
 def ordered_names(names) -> list[str]:

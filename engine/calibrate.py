@@ -96,35 +96,33 @@ def measure(experiment: Experiment, base_model: str, steps: int = 4, new_tokens:
 
     from engine.evaluate import EvalJob, ModelRef, evaluate_shard, load_models
     from engine.models import load_tokenizer
+    from engine.pipeline import resolved_model
     from engine.provenance import provenance
-    from engine.train import TrainSpec
+    from engine.train_spec import TrainSpec
     from engine.train_worker import train_loop_per_worker
     from tasks.example import to_table
 
-    m, t, e = experiment.model, experiment.train, experiment.evaluate
+    m, t, e = resolved_model(experiment, base_model), experiment.train, experiment.evaluate
     context = max(task.target_tokens for task in experiment.tasks)
     tokenizer = load_tokenizer(base_model, trust_remote_code=m.trust_remote_code)
     with tempfile.TemporaryDirectory(prefix="needlework-calibrate-") as tmp:
         tmp = Path(tmp)
         examples = workload(tokenizer, context, max(e.batch_size, t.batch_size * (steps + 1)))
         pq.write_table(to_table(examples), tmp / "train.parquet")
-        spec = TrainSpec(name="calibration/real", base_model=base_model, train_path=str(tmp / "train.parquet"),
-                         val_path=None, out_dir=str(tmp / "model"), rope_base=m.rope_base,
-                         sliding_window=m.sliding_window, lora_rank=t.lora_rank, lora_alpha=t.lora_alpha,
-                         lora_target=t.lora_target, batch_size=t.batch_size, grad_accum=1, lr=t.lr,
-                         max_steps=steps + 1, max_length=max(t.max_length, context + 64), save_steps=10 ** 6,
-                         gpus_per_worker=t.gpus_per_worker, gradient_checkpointing=t.gradient_checkpointing,
-                         trust_remote_code=m.trust_remote_code)
+        # the experiment's own fine-tune, a few single-batch steps long, on one worker
+        measured_train = dataclasses.replace(t, grad_accum=1, max_steps=steps + 1, save_steps=10 ** 6, num_workers=1,
+                                             max_length=max(t.max_length, context + 64), deepspeed=None)
+        spec = TrainSpec("calibration/real", m, measured_train, str(tmp / "train.parquet"), None, str(tmp / "model"))
         started = time.perf_counter()
-        train_loop_per_worker({"spec": dataclasses.asdict(spec)})
+        train_loop_per_worker({"spec": spec})
         train_wall = time.perf_counter() - started
         metrics = pq.read_table(tmp / "model" / "metrics.parquet").to_pylist()
         steady = [r for r in metrics[1:] if r["tokens_per_second"] > 0] or metrics
         train_s_per_token = 1.0 / statistics.median(r["tokens_per_second"] for r in steady)
         tokens = sum(ex.n_tokens for ex in examples[: t.batch_size * (steps + 1)])
 
-        job = EvalJob("calibration", ModelRef(base_model, None, m.rope_base, m.sliding_window, m.trust_remote_code),
-                      "calibration", str(tmp / "train.parquet"), str(tmp / "eval"), batch_size=e.batch_size)
+        job = EvalJob("calibration", ModelRef(m), "calibration", str(tmp / "train.parquet"), str(tmp / "eval"),
+                      evaluate=dataclasses.replace(e, gpus_per_actor=t.gpus_per_worker), scoring=experiment.scoring)
         started = time.perf_counter()
         loaded = load_models(job)
         load_s = time.perf_counter() - started
@@ -132,7 +130,8 @@ def measure(experiment: Experiment, base_model: str, steps: int = 4, new_tokens:
 
         def timed(n_new: int) -> tuple[float, int]:
             started = time.perf_counter()
-            table = evaluate_shard(loaded, dataclasses.replace(job, max_new_tokens=n_new), rows, scorer=_Scorer(n_new))
+            settings = dataclasses.replace(job.evaluate, max_new_tokens=n_new)
+            table = evaluate_shard(loaded, dataclasses.replace(job, evaluate=settings), rows, scorer=_Scorer(n_new))
             return time.perf_counter() - started, sum(table.column("n_tokens").to_pylist())
 
         timed(1)  # the first pass pays one-off set-up (kernels, the scoring attention's registration)

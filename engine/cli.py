@@ -35,12 +35,12 @@ STAGE_VERBS = {"data": "data", "train": "train", "evaluate": "evaluate", "knocko
 # Each module's own errors, by kind. A module that was never imported cannot have raised its
 # error, so only imported ones are looked up (the CLI starts without torch or Ray).
 BAD_INPUT = {"engine.config": "ConfigError", "engine.store": "StoreError", "engine.models": "ModelError",
-             "tasks.build": "DataError", "engine.evaluate": "EvalError", "engine.artifacts": "ReportError",
-             "engine.decode": "DecodeError", "engine.heads": "HeadError", "engine.train_worker": "TrainDataError",
+             "tasks.build": "DataError", "engine.eval_jobs": "EvalError", "engine.artifacts": "ReportError",
+             "engine.decode": "DecodeError", "engine.head_scores": "HeadError", "engine.train_worker": "TrainDataError",
              "analyses.knockout": "KnockoutError", "analyses.patching": "PatchingError",
              "analyses.overlap": "OverlapError", "engine.cost_inputs": "CostError",
              "analyses.interop": "InteropError", "analyses.head_examples": "ExamplesError", "analyses.probe": "ProbeError"}
-RUN_FAILURES = {"engine.pool": "PoolError", "engine.train": "TrainError", "engine.synth.backend": "SynthError",
+RUN_FAILURES = {"engine.pool": "PoolError", "engine.train_spec": "TrainError", "engine.synth.errors": "SynthError",
                 "engine.miniature.pretrain": "MiniatureError"}
 
 

@@ -34,12 +34,13 @@ SYNTHETIC_VARIANTS = ("hh", "hl", "lh", "ll", "symbolic")
 LIMITED = "real_limited"
 # A named limited variant, `real_limited_<name>`: one more `real_limited` subset with its own
 # options (the paper's MDQA L1-L3). The name may not hold "-" or "@": labels append "-s<seed>"
-# and "@<key>=<value>" to it, and readers of the run directory split them off there.
+# and "@<key>=<value>" to it (`run_label`), and `label_variant` splits them off there.
 NAMED_LIMITED = re.compile(rf"{LIMITED}_[a-z0-9_]+")
 STAGES = ("data", "train", "evaluate", "knockout", "patching", "report")
 
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2")  # the backends inline scoring runs on
 HEAD_KINDS = ("retrieval", "insight")
 LORA_TARGETS = ("attention", "all")
 
@@ -80,9 +81,12 @@ class ModelConfig:
     rope_base: float | None = field(default=None, metadata=above(0))  # the raised base of every fine-tune and evaluation
     sliding_window: int | None = field(default=None, metadata=at_least(1))
     max_context: int = field(default=32768, metadata=at_least(2))
-    dtype: str = field(default="auto", metadata=one_of(*DTYPES))  # "auto": bfloat16 on GPU, float32 on CPU
+    # "auto": bfloat16 on GPU, float32 on CPU (engine.placement.resolve_placement)
+    dtype: str = field(default="auto", metadata=one_of(*DTYPES))
     trust_remote_code: bool = False
-    attn_implementation: str | None = None
+    # None: FlashAttention-2 wherever it can run (GPU, flash-attn, 16-bit dtype), else SDPA;
+    # "flash_attention_2" where it cannot run is an error when the model loads
+    attn_implementation: str | None = field(default=None, metadata=one_of(*ATTN_IMPLEMENTATIONS))
     # prompt (and train) through the tokenizer's chat template; None: when the tokenizer has one
     chat_template: bool | None = None
 
@@ -142,13 +146,19 @@ class EvaluateConfig:
     gpus_per_actor: float = field(default=0, metadata=at_least(0))
     shard_size: int = field(default=16, metadata=at_least(1))
     max_retries: int = field(default=3, metadata=at_least(0))
+    timeout_s: float | None = field(default=None, metadata=above(0))  # a shard running longer is retried
+    keep_shards: bool = False  # keep each job's shard files beside its merged outputs
     insight_strict: bool = False
     limit: int | None = field(default=None, metadata=at_least(1))  # evaluate only the first N examples
 
 
+# How the evaluation pool runs, not what it computes: left out of every evaluation hash.
+EVALUATE_RUNTIME = ("num_actors", "cpus_per_actor", "max_retries", "timeout_s", "keep_shards")
+
+
 @dataclass(frozen=True)
 class ScoringConfig:
-    """Which reading of the retrieval score (Eq. 1) the inline scorer computes (engine/heads.py)."""
+    """Which reading of the retrieval score (Eq. 1) the inline scorer computes (engine/head_scores.py)."""
 
     argmax_over: str = "all"  # all: every visible key (the paper, Wu et al.) | prompt: prompt keys only
     count: str = "unique"  # unique: each answer position once (Eq. 1) | repeats: every step (Wu et al.'s code)
@@ -184,8 +194,8 @@ class Experiment:
     tasks: tuple[TaskConfig, ...]
     run_dir: str | None = None
     seeds: tuple[int, ...] = field(default=(0,), metadata={"nonempty": True})
-    synth: Any = None  # engine.synth.SynthConfig
-    miniature: Any = None  # engine.miniature.MiniatureSpec, when model.path == "miniature"
+    synth: Any = None  # engine.synth.config.SynthConfig
+    miniature: Any = None  # engine.miniature.spec.MiniatureSpec, when model.path == "miniature"
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     scoring: ScoringConfig = ScoringConfig()
@@ -224,12 +234,13 @@ class Run:
 
 
 def _section_class(name: str) -> type:
-    """Sections whose dataclasses live with their stage; imported only when used."""
+    """Sections whose dataclasses live with their stage, each in a module of its own; imported
+    only when used (the miniature's package loads torch)."""
     if name == "synth":
-        from engine.synth import SynthConfig
+        from engine.synth.config import SynthConfig
 
         return SynthConfig
-    from engine.miniature import MiniatureSpec
+    from engine.miniature.spec import MiniatureSpec
 
     return MiniatureSpec
 
@@ -586,13 +597,23 @@ def expand(experiment: Experiment) -> list[Run]:
             for seed in seeds:
                 for combo in combos if variant != "base" else [()]:
                     overrides = tuple(zip(sweep_keys, combo))
-                    label = variant
-                    if len(experiment.seeds) > 1 and variant != "base":
-                        label += f"-s{seed}"
-                    for key, value in overrides:
-                        label += f"@{key.split('.', 1)[1]}={value}"
+                    seeded = len(experiment.seeds) > 1 and variant != "base"
+                    label = run_label(variant, seed if seeded else None, overrides)
                     runs.append(Run(task.name, variant, seed, overrides, label))
     return runs
+
+
+def run_label(variant: str, seed: int | None = None, overrides: typing.Sequence[tuple[str, Any]] = ()) -> str:
+    """A run's label, its directory name under models/ and eval/: the variant, `-s<seed>` when the
+    grid has several seeds, `@<key>=<value>` per swept train key (`hh-s1@lr=0.0001`)."""
+    label = variant if seed is None else f"{variant}-s{seed}"
+    return label + "".join(f"@{key.split('.', 1)[-1]}={value}" for key, value in overrides)
+
+
+def label_variant(label: str) -> str:
+    """The variant a run label names (`run_label`'s inverse for the variant): "hh-s1" and
+    "hh@lr=0.0001" are both "hh". Variant names hold neither "-" nor "@"."""
+    return re.split(r"[-@]", label, maxsplit=1)[0]
 
 
 def task_options(task: TaskConfig, variant: str) -> dict:
@@ -652,7 +673,7 @@ def train_hash(experiment: Experiment, run: Run) -> str:
 def eval_hash(experiment: Experiment, run: Run, split: str) -> str:
     upstream = train_hash(experiment, run) if run.fine_tuned else content_hash(experiment.model)
     data = data_hash(experiment, Run(run.task, "real", 0) if split == "real" or not run.fine_tuned else run)
-    settings = dataclasses.replace(experiment.evaluate, num_actors=None)
+    settings = dataclasses.replace(experiment.evaluate, **{key: None for key in EVALUATE_RUNTIME})
     return content_hash("evaluate", upstream, data, split, settings, experiment.task(run.task).head_kind,
                         experiment.scoring)
 

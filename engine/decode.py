@@ -3,8 +3,9 @@
 Every evaluation in the study decodes greedily (Zhao, Yin, Durrett, ICML 2025, Sec. 4). The
 same decode yields the answers for F1 and, when `spans` are given, the retrieval score
 (Eq. 1) and insight score (Eq. 2) of every head: the attention argmax per head and step is
-taken inside the model's own attention call (see `engine.heads.scored_attention`), so
-scoring needs no second pass and never a T x T attention matrix.
+taken inside the model's own attention call (see `engine.head_argmax.decode_attention`), so
+scoring needs no second pass and never a T x T attention matrix. Decoding runs that attention
+whether or not it scores, so the tokens decoded never depend on scoring.
 
 Example:
     >>> from engine.models import load_model, load_tokenizer
@@ -29,24 +30,9 @@ import numpy as np
 import torch
 
 from engine.chat import render_prompt, shift_spans
-from engine.heads import (
-    ARGMAX_KWARG,
-    ARGMAX_OVER,
-    COUNTS,
-    HeadArgmax,
-    HeadError,
-    Knockout,
-    Patch,
-    check_compatible,
-    insight_hits,
-    insight_scores,
-    knockout,
-    patch_heads,
-    record_heads,
-    retrieval_hits,
-    retrieval_scores,
-    scoring_attention,
-)
+from engine.head_argmax import ARGMAX_KWARG, ARGMAX_OVER, HeadArgmax, decoding_attention
+from engine.head_scores import COUNTS, HeadError, insight_hits, insight_scores, retrieval_hits, retrieval_scores
+from engine.heads import Knockout, Patch, check_compatible, knockout, patch_heads, record_heads
 from engine.models import architecture
 
 
@@ -147,7 +133,7 @@ def greedy_decode(
     applied, padding and sliding window respected) is paired with the token generated at that
     step. The step that generates EOS or completes a stop string is scored; steps after it are
     not. The argmax is over every visible key (`argmax_over="all"`) or the prompt keys only
-    ("prompt"); see `engine.heads` for the two readings and for `count`.
+    ("prompt"); see `engine.head_scores` for the two readings and for `count`.
 
     Args:
         model: causal LM (sdpa or flash attention backend for scoring).
@@ -219,8 +205,7 @@ def greedy_decode(
     order = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))
     results: list[Decoded | None] = [None] * len(prompts)
     kept_out = knockout(model, intervention.heads) if isinstance(intervention, Knockout) else nullcontext()
-    score_ctx = scoring_attention(model) if scored else nullcontext()
-    with torch.no_grad(), kept_out, score_ctx:
+    with torch.no_grad(), kept_out, decoding_attention(model, scored=scored):
         for first in range(0, len(order), batch_size):
             batch = order[first : first + batch_size]
             generated, argmax = _decode_batch(

@@ -5,7 +5,7 @@ same decode yields the answers for F1 and, through `engine.decode`, each head's 
 score (Eq. 1) and insight score (Eq. 2). Knockout and patching runs are evaluation jobs with
 an intervention.
 
-An evaluation set is cut into shards of `PoolConfig.shard_size` examples. Actors of the pool
+An evaluation set is cut into shards of `evaluate.shard_size` examples. Actors of the pool
 (`engine.pool`) load a model pair once (the evaluated model and, for patching, the source
 model) and keep it while they take more shards of the same pair. Each finished shard is
 written atomically to `<out_dir>/shards/`; a re-run skips shards whose file exists, so a
@@ -15,380 +15,41 @@ into `predictions.parquet`, `head_scores.parquet` (per-head means), `head_exampl
 and `summary.json` (with the provenance of the result, `engine.provenance`), and that
 directory replaces `out_dir` whole: a job's outputs appear together or not at all.
 
+A job carries the experiment's sections whole: the `model` section (with `path` the local
+base checkpoint) and the `evaluate` and `scoring` sections. Each actor places its models as
+`engine.placement.resolve_placement` says for `evaluate.gpus_per_actor` (device, `model.dtype`,
+`model.attn_implementation`), and every summary records where its result was computed.
+
 Example:
-    >>> ref = ModelRef("runs/demo/base", "runs/demo/models/mdqa/real")
+    >>> ref = ModelRef(ModelConfig("mini", "runs/demo/base"), "runs/demo/models/mdqa/real")
     >>> job = EvalJob("mdqa/real/real", ref, "mdqa", "runs/demo/data/mdqa/real/eval.parquet",
-    ...               "runs/demo/eval/mdqa/real/real")
-    >>> run_jobs([job], PoolConfig(cpus_per_actor=1))["mdqa/real/real"]["f1"]
+    ...               "runs/demo/eval/mdqa/real/real", EvaluateConfig(cpus_per_actor=1))
+    >>> run_jobs([job])["mdqa/real/real"]["f1"]
 """
 
 from __future__ import annotations
 
-import gc
-import hashlib
-import json
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engine.pool import PoolConfig, PoolStats, WorkItem, run_pool
+from engine.eval_jobs import (POOL_SETTINGS, EvalError, EvalJob, ModelRef, TaskScorer, check_heads, job_hash,
+                              read_examples)
+from engine.eval_shards import (EXAMPLE_COLUMNS, PLACEMENT_COLUMNS, PREDICTION_SCHEMA, SHARD_SCHEMA, EvalWorker,
+                                LoadedModels, evaluate_shard, load_models, task_scorer)
+from engine.head_scores import HeadError, score_table
+from engine.pool import PoolStats, WorkItem, run_pool
 from engine.provenance import provenance
 from engine.store import atomic_dir, read_json, write_json, write_parquet
 
-__all__ = ["EvalError", "EvalJob", "EvalWorker", "LoadedModels", "ModelRef", "PoolConfig", "evaluate_shard",
-           "load_models", "run_eval_pool", "run_jobs"]
-
-PREDICTION_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("prediction", pa.string()),
-        ("f1", pa.float64()),
-        ("em", pa.float64()),
-        ("n_tokens", pa.int64()),  # generated tokens (EOS excluded)
-    ]
-)
-# one shard: the predictions plus where each row sits in the data file and its head scores
-SHARD_SCHEMA = pa.schema(
-    [("index", pa.int64())]
-    + list(PREDICTION_SCHEMA)
-    + [
-        ("n_layers", pa.int32()),
-        ("n_heads", pa.int32()),
-        ("retrieval", pa.list_(pa.float64())),  # [n_layers * n_heads], NaN = not counted; null = not scored
-        ("insight", pa.list_(pa.float64())),
-        ("n_steps", pa.int32()),  # scored decoding steps
-        # flat indices into [n_steps, n_layers, n_heads] of the steps at which a head retrieved
-        # (Eq. 1's event) or looked into a needle (Eq. 2's); null = not scored
-        ("retrieval_hits", pa.list_(pa.int32())),
-        ("insight_hits", pa.list_(pa.int32())),
-    ]
-)
-EXAMPLE_COLUMNS = ("index", "id", "n_layers", "n_heads", "retrieval", "insight", "n_steps", "retrieval_hits",
-                   "insight_hits")
-
-
-class EvalError(ValueError):
-    """An evaluation job that cannot run as given (bad data file, task, heads)."""
-
-
-class TaskScorer(Protocol):
-    """What evaluation needs from a task module (`tasks.get_task(name)`)."""
-
-    MAX_NEW_TOKENS: int
-    STOP_STRINGS: Sequence[str]
-
-    def score(self, prediction: str, example) -> dict: ...
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """A base model and, optionally, the LoRA adapter fine-tuned on it (merged on load)."""
-
-    base_model: str
-    adapter_dir: str | None
-    rope_base: float | None = None
-    sliding_window: int | None = None
-    trust_remote_code: bool = False
-
-
-@dataclass(frozen=True)
-class EvalJob:
-    """One model on one data file, with an optional knockout or patch.
-
-    Attributes:
-        name: unique label of the job (the key of `run_jobs`' result).
-        model: the evaluated model (model B when patching).
-        task: task registry name; its `score`, `MAX_NEW_TOKENS`, `STOP_STRINGS` are used.
-        data_path: Parquet file in `tasks.example.SCHEMA`.
-        out_dir: where predictions, head scores, summary and shards go.
-        score_heads: compute retrieval and insight scores while decoding.
-        knockout: heads `(layer, head)` whose outputs are zeroed.
-        patch_source: model A, whose head outputs are patched into `model` over the prompt.
-        patch_heads: the heads patched from `patch_source`.
-        max_new_tokens: None uses the task's `MAX_NEW_TOKENS`.
-        batch_size: prompts per forward pass.
-        insight_strict: the token-match reading of Eq. 2.
-        limit: evaluate only the first `limit` examples.
-        argmax_over: "all" or "prompt": the keys each head's argmax is taken over.
-        count: "unique" or "repeats": how Eq. 1 counts a position retrieved at several steps.
-        chat_template: prompt through the tokenizer's chat template (`engine.chat`).
-    """
-
-    name: str
-    model: ModelRef
-    task: str
-    data_path: str
-    out_dir: str
-    score_heads: bool = True
-    knockout: tuple[tuple[int, int], ...] | None = None
-    patch_source: ModelRef | None = None
-    patch_heads: tuple[tuple[int, int], ...] | None = None
-    max_new_tokens: int | None = None
-    batch_size: int = 4
-    insight_strict: bool = False
-    limit: int | None = None
-    argmax_over: str = "all"
-    count: str = "unique"
-    chat_template: bool = False
-
-    def __post_init__(self):
-        if self.knockout is not None and self.patch_source is not None:
-            raise EvalError(f"job {self.name}: knockout and patching together are not supported")
-        if (self.patch_source is None) != (self.patch_heads is None):
-            raise EvalError(f"job {self.name}: patch_source and patch_heads go together")
-
-    @property
-    def models_key(self) -> tuple[ModelRef, ModelRef | None]:
-        """What an actor must hold to run this job; shards with the same key share actors."""
-        return (self.model, self.patch_source)
-
-
-# --------------------------------------------------------------------------- worker side
-
-
-@dataclass(frozen=True)
-class LoadedModels:
-    """The model pair an actor holds."""
-
-    key: tuple[ModelRef, ModelRef | None]
-    model: Any
-    tokenizer: Any
-    source: Any = None  # patch source (model A)
-
-
-def load_models(job: EvalJob) -> LoadedModels:
-    """Loads the job's model (adapter merged), tokenizer and patch source: in bfloat16 on the
-    actor's GPU when it has one (Ray exposes only the GPUs it reserved), else float32 on the CPU."""
-    import torch
-
-    from engine.models import load_tokenizer, load_trained
-
-    on_gpu = torch.cuda.is_available()
-    placement = dict(device="cuda", dtype=torch.bfloat16) if on_gpu else dict(device="cpu", dtype=torch.float32)
-
-    def load(ref: ModelRef):
-        return load_trained(
-            ref.base_model,
-            ref.adapter_dir,
-            rope_base=ref.rope_base,
-            sliding_window=ref.sliding_window,
-            trust_remote_code=ref.trust_remote_code,
-            **placement,
-        )
-
-    source = load(job.patch_source) if job.patch_source is not None else None
-    return LoadedModels(
-        key=job.models_key,
-        model=load(job.model),
-        tokenizer=load_tokenizer(job.model.base_model, trust_remote_code=job.model.trust_remote_code),
-        source=source,
-    )
-
-
-def task_scorer(name: str) -> TaskScorer:
-    from tasks import get_task
-
-    return get_task(name)
-
-
-def evaluate_shard(
-    loaded: LoadedModels, job: EvalJob, example_rows: Sequence[dict], start: int = 0,
-    scorer: TaskScorer | None = None,
-) -> pa.Table:
-    """Decodes and scores one shard; returns its rows in `SHARD_SCHEMA`.
-
-    Args:
-        loaded: the models of `job.models_key`.
-        job: what to run.
-        example_rows: rows of the data file (`tasks.example.SCHEMA` dicts).
-        start: index of the first row in the data file (keeps the merged order).
-        scorer: the task module; None looks up `job.task` in the task registry.
-    """
-    from engine.decode import ScoreSpans, greedy_decode
-    from engine.heads import Knockout, Patch
-    from tasks.example import Example
-
-    if loaded.key != job.models_key:
-        raise EvalError(f"job {job.name}: worker holds {loaded.key}, job needs {job.models_key}")
-    scorer = scorer or task_scorer(job.task)
-    examples = [Example.from_row(row) for row in example_rows]
-    spans = None
-    if job.score_heads:
-        spans = [
-            ScoreSpans(
-                answer_spans=tuple((s.start, s.end) for s in e.answer_spans),
-                needle_spans=tuple((s.start, s.end) for s in e.needle_spans),
-            )
-            for e in examples
-        ]
-    intervention = None
-    if job.knockout:
-        intervention = Knockout(heads=tuple(tuple(h) for h in job.knockout))
-    elif job.patch_source is not None:
-        intervention = Patch(source=loaded.source, heads=tuple(tuple(h) for h in job.patch_heads))
-    decoded = greedy_decode(
-        loaded.model,
-        loaded.tokenizer,
-        [e.prompt for e in examples],
-        max_new_tokens=job.max_new_tokens or scorer.MAX_NEW_TOKENS,
-        stop_strings=tuple(scorer.STOP_STRINGS),
-        batch_size=job.batch_size,
-        spans=spans,
-        intervention=intervention,
-        insight_strict=job.insight_strict,
-        argmax_over=job.argmax_over,
-        count=job.count,
-        chat_template=job.chat_template,
-    )
-    rows = []
-    for offset, (example, out) in enumerate(zip(examples, decoded)):
-        metrics = scorer.score(out.text, example)
-        shape = next((s.shape for s in (out.retrieval, out.insight) if s is not None), (0, 0))
-        rows.append(
-            {
-                "index": start + offset,
-                "id": example.id,
-                "prediction": out.text,
-                "f1": float(metrics["f1"]),
-                "em": float(metrics["em"]),
-                "n_tokens": len(out.token_ids),
-                "n_layers": shape[0],
-                "n_heads": shape[1],
-                "retrieval": None if out.retrieval is None else out.retrieval.ravel().tolist(),
-                "insight": None if out.insight is None else out.insight.ravel().tolist(),
-                "n_steps": 0 if out.retrieval_hits is None else len(out.retrieval_hits),
-                "retrieval_hits": _flat_hits(out.retrieval_hits),
-                "insight_hits": _flat_hits(out.insight_hits),
-            }
-        )
-    return pa.Table.from_pylist(rows, schema=SHARD_SCHEMA)
-
-
-def _flat_hits(hits) -> list[int] | None:
-    return None if hits is None else np.flatnonzero(hits).astype(np.int32).tolist()
-
-
-class EvalWorker:
-    """One pool actor: holds at most one model pair and evaluates shards with it.
-
-    A plain class; `engine.pool` wraps it with `ray.remote`. `torch_threads` is one per CPU
-    reserved for the actor, so actors on one machine do not oversubscribe its cores.
-    """
-
-    def __init__(self, torch_threads: int = 1, scorer: TaskScorer | None = None):
-        import torch
-
-        torch.set_num_threads(max(1, int(torch_threads)))
-        self.scorer = scorer
-        self.loaded: LoadedModels | None = None
-        self.loads = 0  # how often a model pair was loaded (tests, logs)
-
-    def ready(self) -> int:
-        """Returns once the process is up with the decoding libraries imported."""
-        import engine.decode  # noqa: F401  (torch, transformers: seconds, paid once per actor)
-
-        return os.getpid()
-
-    def run(self, job: EvalJob, start: int, rows: list[dict]) -> pa.Table:
-        if self.loaded is None or self.loaded.key != job.models_key:
-            self.loaded = None  # free the old pair before loading the next one
-            gc.collect()
-            self.loaded = load_models(job)
-            self.loads += 1
-        return evaluate_shard(self.loaded, job, rows, start=start, scorer=self.scorer)
-
-
-# --------------------------------------------------------------------------- driver side
-
-
-def _file_digest(path: Path) -> bytes:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").digest()
-
-
-def _model_fingerprint(ref: ModelRef | None, digest) -> None:
-    """Adds what identifies a model's weights: adapter contents, base config and weight files.
-
-    A retrained adapter at the same path must not reuse old shards; base weights (many GB)
-    are identified by file names, sizes and modification times instead of contents.
-    """
-    if ref is None:
-        return
-    if ref.adapter_dir is not None:
-        for path in sorted(Path(ref.adapter_dir).glob("*.safetensors")) + sorted(Path(ref.adapter_dir).glob("*.json")):
-            digest.update(path.name.encode() + _file_digest(path))
-    base = Path(ref.base_model)
-    if base.is_dir():
-        if (base / "config.json").exists():
-            digest.update(_file_digest(base / "config.json"))
-        for path in sorted(base.glob("*.safetensors")):
-            stat = path.stat()
-            digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-
-
-def job_hash(job: EvalJob, shard_size: int) -> str:
-    """Hash of everything that decides a job's shard results (not its name or out_dir)."""
-    fields = asdict(job)
-    fields.pop("name"), fields.pop("out_dir")
-    data = Path(job.data_path)
-    if not data.is_file():
-        raise EvalError(f"job {job.name}: data file {data} does not exist")
-    digest = hashlib.sha256()
-    digest.update(json.dumps(fields, sort_keys=True, default=str).encode())
-    digest.update(str(shard_size).encode())
-    digest.update(_file_digest(data))
-    _model_fingerprint(job.model, digest)
-    _model_fingerprint(job.patch_source, digest)
-    return digest.hexdigest()[:16]
-
-
-def check_heads(job: EvalJob) -> None:
-    """Knockout and patch heads must exist in the model (checked from a local config.json)."""
-    config_path = Path(job.model.base_model) / "config.json"
-    heads = (job.knockout or ()) + (job.patch_heads or ())
-    if not heads or not config_path.exists():
-        return
-    config = json.loads(config_path.read_text())
-    n_layers, n_heads = config.get("num_hidden_layers"), config.get("num_attention_heads")
-    if n_layers is None or n_heads is None:
-        return
-    bad = [tuple(h) for h in heads if not (0 <= h[0] < n_layers and 0 <= h[1] < n_heads)]
-    if bad:
-        raise EvalError(f"job {job.name}: heads {bad} do not exist in {config_path} "
-                        f"({n_layers} layers x {n_heads} heads)")
-
-
-def read_examples(data_path: str, limit: int | None = None) -> list[dict]:
-    """The first `limit` example rows of a data file, checked against the example schema.
-
-    Errors name the file and the row.
-    """
-    from tasks.example import SCHEMA, Example
-
-    path = Path(data_path)
-    if not path.exists():
-        raise EvalError(f"data file {path} does not exist")
-    table = pq.read_table(path)
-    missing = [name for name in SCHEMA.names if name not in table.column_names]
-    if missing:
-        raise EvalError(f"{path}: missing column(s) {missing} of the example schema")
-    rows = table.select(SCHEMA.names).to_pylist()
-    if limit is not None:
-        rows = rows[:limit]
-    for i, row in enumerate(rows):
-        try:
-            Example.from_row(row)
-        except (KeyError, TypeError, ValueError) as err:
-            raise EvalError(f"{path}: row {i} (id {row.get('id')!r}) is not a valid example: {err}") from err
-    if not rows:
-        raise EvalError(f"{path}: no examples")
-    return rows
+# The stage's public face: jobs (engine.eval_jobs), shards (engine.eval_shards) and the driver.
+__all__ = ["EvalError", "EvalJob", "EvalWorker", "LoadedModels", "ModelRef", "PREDICTION_SCHEMA", "SHARD_SCHEMA",
+           "evaluate_shard", "job_hash", "load_models", "read_examples", "run_eval_pool", "run_jobs"]
 
 
 @dataclass(frozen=True)
@@ -406,8 +67,6 @@ def _shard_path(job: EvalJob, digest: str, start: int, end: int) -> Path:
 
 def merge_shards(plan: _JobPlan, keep_shards: bool) -> dict:
     """Merges a job's shards into predictions / head scores / summary; returns the summary."""
-    from engine.heads import score_table
-
     job, out = plan.job, Path(plan.job.out_dir)
     table = pa.concat_tables([pq.read_table(p, schema=SHARD_SCHEMA) for p in plan.shard_paths])
     table = table.sort_by("index")
@@ -421,15 +80,18 @@ def merge_shards(plan: _JobPlan, keep_shards: bool) -> dict:
         "em": float(np.mean(table.column("em").to_numpy())),
         "n": table.num_rows,
         "out_dir": str(out),
-        "scoring": {"argmax_over": job.argmax_over, "count": job.count, "insight_strict": job.insight_strict}
-        if job.score_heads else None,
+        "scoring": {"argmax_over": job.scoring.argmax_over, "count": job.scoring.count,
+                    "insight_strict": job.evaluate.insight_strict} if job.scoring is not None else None,
+        # where each shard's model sat: one entry unless shards ran on different hardware
+        "placement": [dict(zip(PLACEMENT_COLUMNS, p)) for p in
+                      sorted(set(zip(*(table.column(c).to_pylist() for c in PLACEMENT_COLUMNS))))],
         "provenance": provenance(actor_torch_threads=plan.torch_threads),  # greedy decoding: no seed
     }
     # The shards stay in the old out_dir until the new one replaces it: a crash before the
     # swap leaves them for the next run to merge again.
     with atomic_dir(out) as tmp:
         write_parquet(table.select(PREDICTION_SCHEMA.names), tmp / "predictions.parquet")
-        if job.score_heads:
+        if job.scoring is not None:
             write_parquet(score_table(_stack(table, "retrieval"), _stack(table, "insight")),
                           tmp / "head_scores.parquet")
             write_parquet(table.select(EXAMPLE_COLUMNS), tmp / "head_examples.parquet")
@@ -460,7 +122,7 @@ def _finished(job: EvalJob, digest: str) -> dict | None:
     if not path.exists() or not (out / "predictions.parquet").exists():
         return None
     summary = read_json(path)
-    heads = ("head_scores.parquet", "head_examples.parquet") if job.score_heads else ()
+    heads = ("head_scores.parquet", "head_examples.parquet") if job.scoring is not None else ()
     if summary.get("hash") != digest or not all((out / name).exists() for name in heads):
         return None
     return summary
@@ -468,7 +130,6 @@ def _finished(job: EvalJob, digest: str) -> dict | None:
 
 def run_eval_pool(
     jobs: Sequence[EvalJob],
-    pool: PoolConfig,
     show_progress: bool = True,
     scorer: TaskScorer | None = None,
 ) -> tuple[dict[str, dict], PoolStats]:
@@ -484,18 +145,24 @@ def run_eval_pool(
             task_scorer(task)  # an unknown task fails here, not on every actor
     for job in jobs:
         check_heads(job)
+    pools = {tuple(getattr(job.evaluate, key) for key in POOL_SETTINGS) for job in jobs}
+    if len(pools) > 1:
+        raise EvalError(f"jobs of one pool must agree on evaluate.{', '.join(POOL_SETTINGS)}; got {sorted(pools)}")
+    if not jobs:
+        return {}, PoolStats()
+    pool = jobs[0].evaluate
 
     summaries: dict[str, dict] = {}
     plans: dict[str, _JobPlan] = {}
     missing: dict[str, set[Path]] = {}
     items: list[WorkItem] = []
     for job in jobs:
-        digest = job_hash(job, pool.shard_size)
+        digest = job_hash(job)
         done = _finished(job, digest)
         if done is not None:
             summaries[job.name] = done
             continue
-        rows = read_examples(job.data_path, job.limit)
+        rows = read_examples(job.data_path, job.evaluate.limit)
         paths = []
         for start in range(0, len(rows), pool.shard_size):
             end = min(start + pool.shard_size, len(rows))
@@ -519,8 +186,7 @@ def run_eval_pool(
         if not missing[job.name]:  # merge as soon as a job is complete, not at the end of the stage
             summaries[job.name] = merge_shards(plans[job.name], pool.keep_shards)
 
-    from engine.heads import HeadError
-    from engine.models import ModelError
+    from engine.models import ModelError  # torch: loaded where a pool runs, not where jobs are planned
 
     stats = run_pool(
         EvalWorker,
@@ -537,15 +203,16 @@ def run_eval_pool(
 
 def run_jobs(
     jobs: Sequence[EvalJob],
-    pool: PoolConfig,
     show_progress: bool = True,
     scorer: TaskScorer | None = None,
 ) -> dict[str, dict]:
     """Evaluates every job on one actor pool; finished jobs and shards are skipped.
 
+    The pool is the jobs' `evaluate` section: actors, CPUs and GPUs per actor, shard size,
+    retries, timeout and whether shards are kept, on which all jobs must agree.
+
     Args:
         jobs: evaluation jobs with unique names and out_dirs.
-        pool: actor resources, shard size, retries.
         show_progress: rich progress bar with examples per second.
         scorer: a task-like object for every job instead of the task registry (it is
             pickled to the actors).
@@ -553,5 +220,5 @@ def run_jobs(
     Returns:
         job name -> summary `{"f1", "em", "n", "out_dir", ...}`.
     """
-    summaries, _ = run_eval_pool(jobs, pool, show_progress=show_progress, scorer=scorer)
+    summaries, _ = run_eval_pool(jobs, show_progress=show_progress, scorer=scorer)
     return summaries

@@ -8,6 +8,9 @@ Example:
     >>> model = add_lora(model, rank=8, alpha=8)            # q, k, v, o only
     >>> arch = architecture(model)                           # layers, heads, o_proj modules
 
+Stages load through `engine.placement.load_configured`: the experiment's `ModelConfig` whole,
+placed where `engine.placement.resolve_placement` says (device, dtype, attention backend).
+
 transformers 5 keeps the base in `config.rope_parameters["rope_theta"]`; assigning
 `config.rope_theta` on a built config changes nothing, so the base is set on the config
 before the model (and its rotary embedding) is constructed.
@@ -18,7 +21,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-
 import torch
 from torch import nn
 
@@ -133,9 +135,10 @@ def load_model(
     rope_base: float | None = None,
     sliding_window: int | None = None,
     dtype: torch.dtype | str = torch.float32,
-    attn_implementation: str | None = None,
+    attn_implementation: str = "sdpa",
     trust_remote_code: bool = False,
     device: str | torch.device = "cpu",
+    instrumented: bool = True,
 ):
     """Loads a causal LM (safetensors only) with the RoPE base and window of the extension.
 
@@ -144,13 +147,17 @@ def load_model(
         rope_base: new RoPE base; None keeps the pretrained one.
         sliding_window: new sliding window (Mistral); None keeps it.
         dtype: torch dtype or its name ("bfloat16").
-        attn_implementation: "sdpa" by default, "flash_attention_2" when installed on a GPU.
+        attn_implementation: "sdpa" or "flash_attention_2".
         trust_remote_code: off unless the experiment YAML asks for it.
+        device: where the weights go.
+        instrumented: require a family whose heads the engine can instrument
+            (`SUPPORTED_FAMILIES`); synthesis models need not be one.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    check_family(config.model_type, source=path)
+    if instrumented:
+        check_family(config.model_type, source=path)
     with_rope_base(config, rope_base, sliding_window)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
@@ -158,22 +165,11 @@ def load_model(
         path,
         config=config,
         dtype=dtype,
-        attn_implementation=attn_implementation or default_attention(),
+        attn_implementation=attn_implementation,
         trust_remote_code=trust_remote_code,
         use_safetensors=True,
     )
     return model.to(device).eval()
-
-
-def default_attention() -> str:
-    if torch.cuda.is_available():
-        try:
-            import flash_attn  # noqa: F401
-
-            return "flash_attention_2"
-        except ImportError:
-            pass
-    return "sdpa"
 
 
 def check_family(model_type: str, source: str = "model") -> None:

@@ -25,8 +25,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from engine import config as cfg
 from engine.config import Experiment, Run
+from engine.eval_jobs import EvalJob, ModelRef
 from engine.progress import heartbeat, plain_lines
 from engine.store import RunStore, StoreError, clear_stale_temps, read_json, write_json
+from engine.train_spec import TrainSpec
 
 console = Console(stderr=True)
 
@@ -91,6 +93,12 @@ def chat_template(experiment: Experiment, base_model: str) -> bool:
         raise ModelError(f"{experiment.source_file}: model.chat_template is true, but the tokenizer of "
                          f"{base_model} has no chat template")
     return has if wanted is None else wanted
+
+
+def resolved_model(experiment: Experiment, base_model: str) -> cfg.ModelConfig:
+    """The model section as every stage loads it: `path` the local base checkpoint (or hub id),
+    `chat_template` decided for its tokenizer."""
+    return dataclasses.replace(experiment.model, path=base_model, chat_template=chat_template(experiment, base_model))
 
 
 def head_kind(experiment: Experiment, task: str) -> str:
@@ -167,27 +175,19 @@ def make_synth(experiment: Experiment, store: RunStore):
 
 
 def train_spec(experiment: Experiment, store: RunStore, run: Run, base_model: str, name: str | None = None,
-               out_dir: Path | None = None, **changes):
-    """The fine-tune of `run` as the experiment's train section sets it; `changes` override
-    settings (the probe's short tunes set max_steps), `name` and `out_dir` its place."""
-    from engine.train import TrainSpec
-
-    train = dataclasses.replace(cfg.train_config(experiment, run), **changes)
+               out_dir: Path | None = None, **changes) -> TrainSpec:
+    """The fine-tune of `run`: the model and train sections whole (sweep values applied);
+    `changes` override train settings (the probe's short tunes set max_steps), `name` and
+    `out_dir` its place."""
     data = data_dir(store, run)
-    fields = {f.name for f in dataclasses.fields(TrainSpec)}
-    settings = {k: v for k, v in dataclasses.asdict(train).items() if k in fields}
     return TrainSpec(
         name=name or f"{run.task}/{run.label}",
-        base_model=base_model,
+        model=resolved_model(experiment, base_model),
+        train=dataclasses.replace(cfg.train_config(experiment, run), **changes),
         train_path=str(data / "train.parquet"),
         val_path=str(data / "val.parquet"),
         out_dir=str(out_dir or model_dir(store, run)),
-        rope_base=experiment.model.rope_base,
-        sliding_window=experiment.model.sliding_window,
         seed=run.seed,
-        trust_remote_code=experiment.model.trust_remote_code,
-        chat_template=chat_template(experiment, base_model),
-        **settings,
     )
 
 
@@ -212,59 +212,16 @@ def train_models(experiment: Experiment, store: RunStore, runs: Sequence[Run], b
         store.mark_done(key, digest, out)
 
 
-def model_ref(experiment: Experiment, store: RunStore, run: Run, base_model: str):
-    from engine.evaluate import ModelRef
-
+def model_ref(experiment: Experiment, store: RunStore, run: Run, base_model: str) -> ModelRef:
+    """The model `run` evaluates: the resolved model section and the run's adapter, if any."""
     adapter = model_dir(store, run)
-    return ModelRef(
-        base_model=base_model,
-        adapter_dir=str(adapter) if adapter else None,
-        rope_base=experiment.model.rope_base,
-        sliding_window=experiment.model.sliding_window,
-        trust_remote_code=experiment.model.trust_remote_code,
-    )
+    return ModelRef(resolved_model(experiment, base_model), str(adapter) if adapter else None)
 
 
-def decode_settings(experiment: Experiment, base_model: str) -> dict:
-    """The decoding settings knockout and patching share with the evaluation stage."""
-    e = experiment.evaluate
-    return dict(pool=pool_config(experiment), batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
-                limit=e.limit, chat_template=chat_template(experiment, base_model))
-
-
-def pool_config(experiment: Experiment):
-    from engine.evaluate import PoolConfig
-
-    e = experiment.evaluate
-    return PoolConfig(
-        num_actors=e.num_actors,
-        cpus_per_actor=e.cpus_per_actor,
-        gpus_per_actor=e.gpus_per_actor,
-        shard_size=e.shard_size,
-        max_retries=e.max_retries,
-    )
-
-
-def eval_job(experiment: Experiment, name: str, model, task: str, data: Path, out: Path):
-    """A scored evaluation job with the experiment's evaluate and scoring settings."""
-    from engine.evaluate import EvalJob
-
-    e = experiment.evaluate
-    return EvalJob(
-        name=name,
-        model=model,
-        task=task,
-        data_path=str(data),
-        out_dir=str(out),
-        score_heads=True,
-        max_new_tokens=e.max_new_tokens,
-        batch_size=e.batch_size,
-        insight_strict=e.insight_strict,
-        limit=e.limit,
-        argmax_over=experiment.scoring.argmax_over,
-        count=experiment.scoring.count,
-        chat_template=chat_template(experiment, model.base_model),
-    )
+def eval_job(experiment: Experiment, name: str, model: ModelRef, task: str, data: Path, out: Path) -> EvalJob:
+    """A scored evaluation job with the experiment's evaluate and scoring sections."""
+    return EvalJob(name=name, model=model, task=task, data_path=str(data), out_dir=str(out),
+                   evaluate=experiment.evaluate, scoring=experiment.scoring)
 
 
 def evaluate_models(experiment: Experiment, store: RunStore, runs: Sequence[Run], base_model: str) -> None:
@@ -291,7 +248,7 @@ def evaluate_models(experiment: Experiment, store: RunStore, runs: Sequence[Run]
     if not jobs:
         return
     console.print(f"[bold]evaluate[/] {len(jobs)} job(s)")
-    run_jobs(jobs, pool_config(experiment))
+    run_jobs(jobs)
     for key, digest, out in keys:
         store.mark_done(key, digest, out)
 
@@ -319,11 +276,9 @@ def run_knockouts(experiment: Experiment, store: RunStore, runs: Sequence[Run], 
             head_scores=str(eval_dir(store, run, "own") / "head_scores.parquet"),
             kind=head_kind(experiment, run.task),
             data_path=str(real_eval_path(store, run.task)),
-            ks=k.ks,
-            seeds=k.seeds,
             out_dir=str(out),
-            heads_from=heads_file(k.heads_from, "knockout.heads_from"),
-            **decode_settings(experiment, base_model),
+            knockout=dataclasses.replace(k, heads_from=heads_file(k.heads_from, "knockout.heads_from")),
+            evaluate=experiment.evaluate,
         )
         store.mark_done(key, digest, out)
 
@@ -356,10 +311,9 @@ def run_patchings(experiment: Experiment, store: RunStore, runs: Sequence[Run], 
             unpatched_predictions=str(eval_dir(store, run, "real") / "predictions.parquet"),
             kind=head_kind(experiment, run.task),
             data_path=str(real_eval_path(store, run.task)),
-            seeds=p.seeds,
             out_dir=str(out),
-            heads_from=heads_file(p.heads_from, "patching.heads_from"),
-            **decode_settings(experiment, base_model),
+            patching=dataclasses.replace(p, heads_from=heads_file(p.heads_from, "patching.heads_from")),
+            evaluate=experiment.evaluate,
         )
         store.mark_done(key, digest, out)
 
@@ -493,7 +447,9 @@ def run_provenance(experiment: Experiment) -> dict:
     from engine.provenance import provenance
 
     return provenance(seeds={"experiment": list(experiment.seeds), "knockout": list(experiment.knockout.seeds),
-                             "patching": list(experiment.patching.seeds)})
+                             "patching": list(experiment.patching.seeds)},
+                      experiment={"name": experiment.name, "file": experiment.source_file,
+                                  "model": experiment.model.name, "model_path": experiment.model.path})
 
 
 class StageTimer:

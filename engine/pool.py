@@ -17,7 +17,7 @@ Example:
     ...     def run(self, x): return x * x
     >>> items = [WorkItem(key=str(i), affinity="m", payload=(i,), size=1) for i in range(8)]
     >>> results = {}
-    >>> stats = run_pool(Square, {}, items, PoolConfig(), lambda item, value: results.update({item.key: value}))
+    >>> stats = run_pool(Square, {}, items, EvaluateConfig(), lambda item, value: results.update({item.key: value}))
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
 from rich.text import Text
@@ -43,35 +43,22 @@ class PoolError(RuntimeError):
     """An item failed more often than the pool retries it."""
 
 
-@dataclass(frozen=True)
-class PoolConfig:
-    """Resources and fault handling of an actor pool.
+class PoolSettings(Protocol):
+    """What the pool reads from its settings (the experiment's `evaluate` section).
 
     Attributes:
         num_actors: actors to start; None sizes the pool from `ray.available_resources()`.
         cpus_per_actor: CPUs reserved per actor; the actor runs one torch thread per CPU.
         gpus_per_actor: GPUs reserved per actor.
-        shard_size: examples per work item.
         max_retries: how often a failed item is retried before the stage fails.
         timeout_s: an item running longer than this on one actor is treated as failed.
-        keep_shards: keep per-shard result files after they are merged.
     """
 
-    num_actors: int | None = None
-    cpus_per_actor: float = 1
-    gpus_per_actor: float = 0
-    shard_size: int = 16
-    max_retries: int = 3
-    timeout_s: float | None = None
-    keep_shards: bool = False
-
-    def __post_init__(self):
-        if self.shard_size < 1:
-            raise ValueError(f"PoolConfig.shard_size must be >= 1, got {self.shard_size}")
-        if self.num_actors is not None and self.num_actors < 1:
-            raise ValueError(f"PoolConfig.num_actors must be >= 1, got {self.num_actors}")
-        if self.max_retries < 0:
-            raise ValueError(f"PoolConfig.max_retries must be >= 0, got {self.max_retries}")
+    num_actors: int | None
+    cpus_per_actor: float
+    gpus_per_actor: float
+    max_retries: int
+    timeout_s: float | None
 
 
 @dataclass(frozen=True)
@@ -102,7 +89,7 @@ class ExamplesPerSecond(ProgressColumn):
         return Text("-- ex/s" if speed is None else f"{speed:.2f} ex/s", style="progress.data.speed")
 
 
-def pool_size(config: PoolConfig, n_items: int, available: dict[str, float]) -> int:
+def pool_size(config: PoolSettings, n_items: int, available: dict[str, float]) -> int:
     """Actors to start: as many as the free resources hold (at least one), never more than items.
 
     An explicit `num_actors` wins, so an autoscaling cluster can be asked for more than is
@@ -172,7 +159,7 @@ def run_pool(
     worker_cls: type,
     worker_kwargs: dict,
     items: Sequence[WorkItem],
-    config: PoolConfig,
+    config: PoolSettings,
     on_result: Callable[[WorkItem, Any], None],
     *,
     fatal: tuple[type[BaseException], ...] = (),
@@ -185,7 +172,7 @@ def run_pool(
         worker_cls: plain class with `ready()` and `run(*payload)`.
         worker_kwargs: constructor arguments of each actor.
         items: the work; keys must be unique.
-        config: resources, retries, timeout.
+        config: actors, resources, retries, timeout (`PoolSettings`).
         on_result: called in the driver once per item with its result, as items finish.
         fatal: exception types that are not retried (bad input fails the same way twice).
         description: label of the progress bar.

@@ -175,12 +175,23 @@ def provenance_md(run: Path, current: dict) -> list[str]:
         rows.append([label, p.get("created", "–"), commit, p.get("torch_threads"), json.dumps(p.get("seeds", {})),
                      f"{hw.get('cpu', '?')} x {hw.get('cpu_count', '?')}, {gpus}", f"Python {p.get('python')}; {packages}"])
     lines += md_table(["record", "created", "git commit", "torch threads", "seeds", "hardware", "packages"], rows)
-    commits = {}
-    for summary in sorted(run.glob("eval/*/*/*/summary.json")):
-        git = json.loads(summary.read_text()).get("provenance", {}).get("git", {})
+    experiment = sources[0][1].get("experiment") if recorded.is_file() else None
+    if experiment:
+        lines += [f"The run: experiment `{experiment['name']}` from `{experiment['file']}`, model "
+                  f"`{experiment['model']}` (`{experiment['model_path']}`).", ""]
+    commits, placements = {}, {}
+    for path in sorted(run.glob("eval/*/*/*/summary.json")):
+        summary = json.loads(path.read_text())
+        git = summary.get("provenance", {}).get("git", {})
         key = (git.get("commit") or "unknown")[:12] + (" (dirty)" if git.get("dirty") else "")
         commits[key] = commits.get(key, 0) + 1
+        for where in summary.get("placement", []):
+            held = f"{where['device']} {where['dtype']} {where['attn_implementation']}"
+            placements[held] = placements.get(held, 0) + 1
     if commits:
         said = ", ".join(f"{c} ({n} job(s))" for c, n in sorted(commits.items()))
         lines += [f"Evaluation results were computed at: {said}.", ""]
+    if placements:
+        said = ", ".join(f"{p} ({n} job(s))" for p, n in sorted(placements.items()))
+        lines += [f"Evaluation models were held as (device, dtype, attention): {said}.", ""]
     return lines

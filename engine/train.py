@@ -3,12 +3,13 @@ variants of an experiment launched together through Ray Tune.
 
 The study (Zhao, Yin, Durrett, ICML 2025) fine-tunes one model per task variant
 (real, synthetic hh/hl/lh/ll/symbolic, ...) with LoRA rank 8 on attention after raising the
-RoPE base. Each variant here is a Ray Train run (`train_variant`); `train_all` starts one
-Tune trial per variant whose function builds and fits that variant's TorchTrainer (Ray's
-pattern for running several trainers at once), as many at a time as the cluster fits.
+RoPE base. Each variant here is a Ray Train run (`train_variant`) of an
+`engine.train_spec.TrainSpec`; `train_all` starts one Tune trial per variant whose function
+builds and fits that variant's TorchTrainer (Ray's pattern for running several trainers at
+once), as many at a time as the cluster fits. What each worker runs is `engine.train_worker`.
 
 A run checkpoints the adapter (safetensors) with the optimizer, scheduler and RNG state to
-`storage_path` (default `<out_dir>.checkpoints`, beside the output); a worker that dies
+`train.storage_path` (default `<out_dir>.checkpoints`, beside the output); a worker that dies
 restarts from the latest checkpoint, and so does a re-run of a run that was interrupted. The
 Ray Train run is named by the variant and a digest of its settings, so a changed spec never
 resumes another spec's checkpoints. A finished variant's `out_dir` is published whole, in one
@@ -17,204 +18,34 @@ rename, and is skipped while its `done.json` records the same settings; it holds
 tokens/s per step), `summary.json` and `done.json`.
 
 Example:
-    >>> specs = [TrainSpec(f"mdqa/{v}", "meta-llama/Meta-Llama-3-8B-Instruct",
-    ...                    f"runs/x/data/mdqa/{v}/train.parquet", None, f"runs/x/models/mdqa/{v}",
-    ...                    rope_base=6315088, gpus_per_worker=1) for v in ("real", "hh", "symbolic")]
+    >>> model = ModelConfig("llama3", "meta-llama/Meta-Llama-3-8B-Instruct", rope_base=6315088)
+    >>> specs = [TrainSpec(f"mdqa/{v}", model, TrainConfig(gpus_per_worker=1),
+    ...                    f"runs/x/data/mdqa/{v}/train.parquet", None, f"runs/x/models/mdqa/{v}")
+    ...          for v in ("real", "hh", "symbolic")]
     >>> results = train_all(specs)          # three TorchTrainer runs side by side
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import math
 import os
-import re
 import shutil
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
-
 from ray.tune import Callback
 
 from engine.progress import plain_lines
-from engine.store import atomic_dir
+from engine.train_spec import (TrainError, TrainResult, TrainSpec, finished, publish_variant, result_from_done,
+                               run_name, storage_path)
 
-DONE_FILE = "done.json"
 # A Tune trial here only waits on its TorchTrainer; reserving a CPU for it would starve the
 # training workers (on 2 cores, tasks wait silently for CPUs that idle drivers hold), and
 # Ray rejects an all-zero request, so it holds a sliver of memory instead.
 TRIAL_RESOURCES = {"memory": 1024 * 1024}
 
-__all__ = ["TrainError", "TrainSpec", "TrainResult", "train_variant", "train_all", "train_loop_per_worker",
-           "concurrent_slots", "finished", "publish_variant", "spec_digest"]
-
-
-def __getattr__(name: str):
-    # The worker loop imports torch and transformers; a Tune trial, which only builds the
-    # trainer, imports this module, so the loop is loaded where it runs (~2.5 s of CPU per
-    # trial saved on small runs).
-    if name in ("train_loop_per_worker", "FINAL_MARKER"):
-        from engine import train_worker
-
-        return getattr(train_worker, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-class TrainError(RuntimeError):
-    """Some variants failed to train (the others are still published)."""
-
-
-@dataclass(frozen=True)
-class TrainSpec:
-    """One variant's fine-tune; field names match the experiment YAML's train section."""
-
-    name: str  # "mdqa/hh" (task/variant[@sweep][-s<seed>])
-    base_model: str  # local path or hub id
-    train_path: str  # Parquet (tasks.example SCHEMA: prompt, target, ...)
-    val_path: str | None
-    out_dir: str  # final adapter + metrics + done.json
-    rope_base: float | None = None
-    sliding_window: int | None = None
-    lora_rank: int = 8
-    lora_alpha: int = 8
-    lora_dropout: float = 0.0
-    lora_target: str = "attention"
-    batch_size: int = 1
-    grad_accum: int = 4
-    lr: float = 5e-5
-    epochs: float = 1.0
-    max_steps: int = -1
-    warmup_ratio: float = 0.0
-    max_length: int = 32768
-    seed: int = 0
-    weight_decay: float = 0.0
-    num_workers: int = 1
-    cpus_per_worker: float = 1
-    gpus_per_worker: float = 0
-    deepspeed: dict | None = None
-    storage_path: str | None = None  # local dir or cloud URI; default <out_dir>/checkpoints
-    trust_remote_code: bool = False
-    save_steps: int = 50
-    max_failures: int = 2
-    gradient_checkpointing: bool = False  # needed for 32K contexts on 7-8B models
-    chat_template: bool = False  # prompt and answer through the tokenizer's chat template (engine.chat)
-    # Environment of the run's Ray Train controller and workers, e.g. Ray Train's
-    # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S or NCCL_* settings; does not change what is trained.
-    ray_env: dict | None = None
-
-    def __post_init__(self):
-        if self.num_workers < 1:
-            raise ValueError(f"{self.name}: num_workers must be >= 1, got {self.num_workers}")
-        if self.batch_size < 1 or self.grad_accum < 1:
-            raise ValueError(f"{self.name}: batch_size and grad_accum must be >= 1")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"{self.name}: warmup_ratio must lie in [0, 1), got {self.warmup_ratio}")
-        if self.max_steps <= 0 and self.epochs <= 0:
-            raise ValueError(f"{self.name}: set epochs > 0 or max_steps > 0")
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    name: str
-    out_dir: str
-    steps: int
-    final_loss: float
-    seconds: float
-    skipped: bool
-    resumed_from_step: int = 0  # > 0 when this run continued an earlier, interrupted one
-
-
-# Where a run's files go and how it is launched; none of them changes what is trained.
-_NOT_TRAINED = ("name", "out_dir", "storage_path", "ray_env")
-
-
-def _file_version(path: str | None) -> str | None:
-    # Data files are replaced whole when rebuilt, so size and modification time tell one
-    # build from another without reading gigabytes (None: not a local file).
-    try:
-        stat = os.stat(path) if path else None
-    except OSError:
-        return None
-    return f"{stat.st_size}:{stat.st_mtime_ns}" if stat else None
-
-
-def spec_digest(spec: TrainSpec) -> str:
-    """A digest of what decides what a run trains: its settings (not where it writes) and the
-    versions of its data files."""
-    fields = asdict(spec)
-    for key in _NOT_TRAINED:
-        fields.pop(key, None)
-    fields["data_versions"] = [_file_version(spec.train_path), _file_version(spec.val_path)]
-    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def run_name(spec: TrainSpec) -> str:
-    """The Ray Train run name: the variant name and its settings' digest, safe as one directory name."""
-    return re.sub(r"[^A-Za-z0-9_.@=-]", "_", spec.name.replace("/", "__")) + "-" + spec_digest(spec)
-
-
-def storage_path(spec: TrainSpec) -> str:
-    if spec.storage_path:
-        return spec.storage_path
-    # Beside out_dir, not in it: out_dir is replaced whole when the run is published.
-    out = Path(spec.out_dir).resolve()
-    return str(out.parent / f"{out.name}.checkpoints")
-
-
-def read_done(out_dir: str | Path) -> dict | None:
-    path = Path(out_dir) / DONE_FILE
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: corrupt ({err}); delete it to retrain") from err
-
-
-def finished(spec: TrainSpec) -> dict | None:
-    """done.json of `spec.out_dir` if it records a run of these settings and data, else None.
-
-    An adapter trained with other settings (another learning rate) or on other data (a
-    rebuilt dataset at the same path) is not this run's result: it is retrained, and replaced
-    when the new one is published.
-    """
-    done = read_done(spec.out_dir)
-    if done is None or done.get("spec_digest") != spec_digest(spec):
-        return None
-    return done
-
-
-def _result_from_done(spec: TrainSpec, done: dict, skipped: bool) -> TrainResult:
-    return TrainResult(
-        name=spec.name,
-        out_dir=spec.out_dir,
-        steps=int(done["steps"]),
-        final_loss=float(done["final_loss"]),
-        seconds=float(done.get("seconds", math.nan)),
-        skipped=skipped,
-        resumed_from_step=int(done.get("resumed_from_step", 0)),
-    )
-
-
-def publish_variant(final_dir: str, out_dir: str, extra: dict | None = None) -> dict:
-    """Publishes a run's final files and done.json as `out_dir`, replacing it whole in one rename.
-
-    Returns:
-        The contents of done.json: the run's summary plus `extra` (which holds the spec).
-    """
-    from engine.train_worker import FINAL_MARKER
-
-    final = Path(final_dir)
-    done = {**json.loads((final / FINAL_MARKER).read_text()), **(extra or {})}
-    with atomic_dir(out_dir) as tmp:
-        for source in sorted(p for p in final.iterdir() if p.is_file()):
-            shutil.copyfile(source, tmp / source.name)
-        (tmp / DONE_FILE).write_text(json.dumps(done, indent=2, default=str))
-    return done
+__all__ = ["TrainError", "TrainSpec", "TrainResult", "train_variant", "train_all", "concurrent_slots", "finished"]
 
 
 def _torch_trainer(spec: TrainSpec, callbacks: Sequence, run_callbacks: Sequence, board=None):
@@ -223,24 +54,25 @@ def _torch_trainer(spec: TrainSpec, callbacks: Sequence, run_callbacks: Sequence
 
     from engine.train_worker import train_loop_per_worker
 
-    resources = {"CPU": spec.cpus_per_worker}
-    if spec.gpus_per_worker:
-        resources["GPU"] = spec.gpus_per_worker
+    train = spec.train
+    resources = {"CPU": train.cpus_per_worker}
+    if train.gpus_per_worker:
+        resources["GPU"] = train.gpus_per_worker
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"spec": asdict(spec), "callbacks": list(callbacks), "progress_board": board},
-        scaling_config=ScalingConfig(num_workers=spec.num_workers, use_gpu=spec.gpus_per_worker > 0,
+        train_loop_config={"spec": spec, "callbacks": list(callbacks), "progress_board": board},
+        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.gpus_per_worker > 0,
                                      resources_per_worker=resources),
         run_config=RunConfig(
             name=run_name(spec),
             storage_path=storage_path(spec),
-            failure_config=FailureConfig(max_failures=spec.max_failures),
+            failure_config=FailureConfig(max_failures=train.max_failures),
             # The last periodic checkpoint (to resume) and the final one (to publish).
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=list(run_callbacks),
-            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, int(spec.cpus_per_worker))),
+            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, int(train.cpus_per_worker))),
                                              "TOKENIZERS_PARALLELISM": "false",
-                                             **{k: str(v) for k, v in (spec.ray_env or {}).items()}}},
+                                             **{k: str(v) for k, v in (train.ray_env or {}).items()}}},
         ),
     )
 
@@ -273,9 +105,8 @@ def _checkpoint_at(spec: TrainSpec, path: str):
 
 def _collect(spec: TrainSpec, checkpoint, seconds: float) -> TrainResult:
     with checkpoint.as_directory() as final_dir:
-        done = publish_variant(final_dir, spec.out_dir, {"seconds": seconds, "spec": asdict(spec),
-                                                         "spec_digest": spec_digest(spec)})
-    return _result_from_done(spec, done, skipped=False)
+        done = publish_variant(final_dir, spec, seconds)
+    return result_from_done(spec, done, skipped=False)
 
 
 def train_variant(spec: TrainSpec, *, callbacks: Sequence = ()) -> TrainResult:
@@ -286,17 +117,17 @@ def train_variant(spec: TrainSpec, *, callbacks: Sequence = ()) -> TrainResult:
         callbacks: extra `transformers.TrainerCallback`s run inside every worker.
 
     Raises:
-        ray.train.TrainingFailedError: the run failed more than `spec.max_failures` times.
+        ray.train.TrainingFailedError: the run failed more than `train.max_failures` times.
     """
     done = finished(spec)
     if done is not None:
-        return _result_from_done(spec, done, skipped=True)
+        return result_from_done(spec, done, skipped=True)
     import ray
 
     if not ray.is_initialized():
         ray.init()
     started = time.perf_counter()
-    with ray_environment(spec.ray_env):
+    with ray_environment(spec.train.ray_env):
         result = _torch_trainer(spec, callbacks, ()).fit()
     return _collect(spec, result.checkpoint, time.perf_counter() - started)
 
@@ -308,8 +139,9 @@ def concurrent_slots(specs: Sequence[TrainSpec], resources: dict) -> int:
     """
     need: dict[str, float] = {}
     for spec in specs:
-        per_run = {"CPU": spec.num_workers * spec.cpus_per_worker,
-                   "GPU": spec.num_workers * spec.gpus_per_worker}
+        train = spec.train
+        per_run = {"CPU": train.num_workers * train.cpus_per_worker,
+                   "GPU": train.num_workers * train.gpus_per_worker}
         for key, value in per_run.items():
             need[key] = max(need.get(key, 0.0), value)
     fits = [math.floor(resources.get(key, 0.0) / value + 1e-9) for key, value in need.items() if value > 0]
@@ -332,20 +164,21 @@ def estimated_work(spec: TrainSpec) -> float:
     except (OSError, ValueError):
         return 0.0
     size = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
-    if spec.max_steps > 0 and meta.num_rows:
-        per_step = spec.batch_size * spec.grad_accum * spec.num_workers
-        return size * spec.max_steps * per_step / meta.num_rows
-    return size * spec.epochs
+    train = spec.train
+    if train.max_steps > 0 and meta.num_rows:
+        per_step = train.batch_size * train.grad_accum * train.num_workers
+        return size * train.max_steps * per_step / meta.num_rows
+    return size * train.epochs
 
 
-def _variant_trial(config: dict, specs: list[dict], callbacks: Sequence, board) -> None:
+def _variant_trial(config: dict, specs: list[TrainSpec], callbacks: Sequence, board) -> None:
     """A Tune trial: build and fit one variant's TorchTrainer, report its final checkpoint."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    spec = TrainSpec(**specs[config["index"]])
+    spec = specs[config["index"]]
     started = time.perf_counter()
-    with ray_environment(spec.ray_env):
+    with ray_environment(spec.train.ray_env):
         result = _torch_trainer(spec, callbacks, [TuneReportCallback()], board).fit()
     tune.report({"final_checkpoint": result.checkpoint.path, "seconds": time.perf_counter() - started})
 
@@ -384,7 +217,7 @@ def train_all(
         if done is None:
             todo.append(i)
         else:
-            results[i] = _result_from_done(spec, done, skipped=True)
+            results[i] = result_from_done(spec, done, skipped=True)
     # Longest first: a long run started last would finish alone while the others idle.
     todo.sort(key=lambda i: -estimated_work(specs[i]))
     if todo:
@@ -401,7 +234,7 @@ def _run_trials(todo, indices, max_concurrent, show_progress, callbacks) -> dict
     slots = max_concurrent or concurrent_slots(todo, ray.available_resources())
     board = ray.remote(num_cpus=0)(ProgressBoard).remote()
     trainable = tune.with_resources(
-        tune.with_parameters(_variant_trial, specs=[asdict(s) for s in todo], callbacks=list(callbacks),
+        tune.with_parameters(_variant_trial, specs=list(todo), callbacks=list(callbacks),
                              board=board),
         TRIAL_RESOURCES,
     )

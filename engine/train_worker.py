@@ -15,14 +15,19 @@ Trainer loads them with `torch.load(weights_only=True)`, so a tampered file fail
 running code (tested). Under DeepSpeed, DeepSpeed's own loader reads its ZeRO state with
 `weights_only=False`; those files are this run's own, written by it into its `storage_path`.
 
+The model is loaded from the spec's `ModelConfig` as `engine.placement.resolve_placement`
+places it for the worker's GPUs (`train.gpus_per_worker`): its dtype and attention backend;
+the Trainer moves it to the worker's device (under DeepSpeed, shard by shard).
+
 Example (no Ray, a saved tiny model and a Parquet file of prompt/target rows):
-    >>> from engine.train import TrainSpec
-    >>> spec = TrainSpec("toy/hh", "tiny/llama", "train.parquet", None, "out/toy/hh", max_length=128)
-    >>> train_loop_per_worker({"spec": dataclasses.asdict(spec)})
+    >>> spec = TrainSpec("toy/hh", ModelConfig("tiny", "tiny/llama"), TrainConfig(max_length=128),
+    ...                  "train.parquet", None, "out/toy/hh")
+    >>> train_loop_per_worker({"spec": spec})
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -35,14 +40,16 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from transformers import TrainerCallback
+from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
+from engine.chat import ChatTemplateError, has_chat_template, render_completion, render_prompt
+from engine.models import add_lora, load_tokenizer, write_adapter_meta
+from engine.placement import Placement, load_configured, resolve_placement
 from engine.store import write_parquet
+from engine.train_spec import FINAL_MARKER, METRICS_FILE, TrainSpec, publish_variant
 
 IGNORE_INDEX = -100  # labels the loss skips: every prompt token and all padding
 HF_CHECKPOINT = "checkpoint"  # RayTrainReportCallback.CHECKPOINT_NAME
-FINAL_MARKER = "summary.json"  # present only in the final checkpoint of a run
-METRICS_FILE = "metrics.parquet"
 METRIC_COLUMNS = {
     "step": pa.int64(),
     "epoch": pa.float64(),
@@ -76,8 +83,6 @@ def tokenize_example(tokenizer, prompt: str, target: str, max_length: int, where
     if not target.strip():
         raise TrainDataError(f"{where}: empty target")
     if chat_template:
-        from engine.chat import ChatTemplateError, render_completion, render_prompt
-
         try:
             prompt_text, completion = render_prompt(tokenizer, prompt).text, render_completion(tokenizer, prompt, target)
         except ChatTemplateError as err:
@@ -116,31 +121,33 @@ def load_examples(path: str, tokenizer, max_length: int, chat_template: bool = F
             for i, r in enumerate(rows)]
 
 
-def training_arguments(spec, output_dir: str, on_gpu: bool):
-    """HF TrainingArguments for `spec`: bf16 on GPU, fp32 on CPU, DeepSpeed when asked."""
-    from transformers import TrainingArguments
-
+def training_arguments(spec: TrainSpec, output_dir: str, placement: Placement) -> TrainingArguments:
+    """HF TrainingArguments for `spec`: the train section, mixed precision in the placement's
+    16-bit dtype on a GPU, DeepSpeed when asked."""
+    train = spec.train
     return TrainingArguments(
         output_dir=output_dir,
-        per_device_train_batch_size=spec.batch_size,
-        per_device_eval_batch_size=spec.batch_size,
-        gradient_accumulation_steps=spec.grad_accum,
-        learning_rate=spec.lr,
-        num_train_epochs=spec.epochs,
-        max_steps=spec.max_steps,
-        warmup_steps=spec.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
-        weight_decay=spec.weight_decay,
+        per_device_train_batch_size=train.batch_size,
+        per_device_eval_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.grad_accum,
+        learning_rate=train.lr,
+        num_train_epochs=train.epochs,
+        max_steps=train.max_steps,
+        warmup_steps=train.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        weight_decay=train.weight_decay,
         lr_scheduler_type="linear",
         seed=spec.seed,
         data_seed=spec.seed,
-        bf16=on_gpu,
-        use_cpu=not on_gpu,
-        deepspeed=dict(spec.deepspeed) if spec.deepspeed else None,
-        activation_checkpointing=spec.gradient_checkpointing,
+        # the Trainer's autocast needs a GPU; on the CPU the weights' own dtype is the precision
+        bf16=placement.on_gpu and placement.dtype == "bfloat16",
+        fp16=placement.on_gpu and placement.dtype == "float16",
+        use_cpu=not placement.on_gpu,
+        deepspeed=dict(train.deepspeed) if train.deepspeed else None,
+        activation_checkpointing=train.gradient_checkpointing,
         logging_strategy="steps",
         logging_steps=1,
         save_strategy="steps",
-        save_steps=spec.save_steps,
+        save_steps=train.save_steps,
         save_total_limit=1,  # local scratch only; Ray keeps the checkpoints in storage
         eval_strategy="no",
         report_to="none",
@@ -217,38 +224,30 @@ def train_loop_per_worker(config: dict) -> None:
     """Fine-tunes one variant on this worker (all workers run it; DDP or DeepSpeed joins them).
 
     Args:
-        config: {"spec": dataclasses.asdict(TrainSpec), "callbacks": optional extra
+        config: {"spec": the `TrainSpec`, "callbacks": optional extra
             `transformers.TrainerCallback`s, "progress_board": optional actor handle whose
             `post(name, progress)` receives rank 0's step, loss and tokens/s}.
     """
-    from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, set_seed
-
-    from engine.models import add_lora, load_model, load_tokenizer, write_adapter_meta
-    from engine.train import TrainSpec
-
-    spec = TrainSpec(**config["spec"])
-    torch.set_num_threads(max(1, int(spec.cpus_per_worker)))
+    spec: TrainSpec = config["spec"]
+    train = spec.train
+    torch.set_num_threads(max(1, int(train.cpus_per_worker)))
     in_ray = _in_ray_train()
     rank = _world_rank(in_ray)
-    on_gpu = torch.cuda.is_available() and spec.gpus_per_worker > 0
+    placement = resolve_placement(spec.model, gpus=train.gpus_per_worker)
 
-    tokenizer = load_tokenizer(spec.base_model, trust_remote_code=spec.trust_remote_code)
+    tokenizer = load_tokenizer(spec.model.path, trust_remote_code=spec.model.trust_remote_code)
     tokenizer.padding_side = "right"  # positions must start at 0 for every training sequence
-    train_set = load_examples(spec.train_path, tokenizer, spec.max_length, spec.chat_template)
-    val_set = load_examples(spec.val_path, tokenizer, spec.max_length, spec.chat_template) if spec.val_path else None
+    chat = has_chat_template(tokenizer) if spec.model.chat_template is None else spec.model.chat_template
+    train_set = load_examples(spec.train_path, tokenizer, train.max_length, chat)
+    val_set = load_examples(spec.val_path, tokenizer, train.max_length, chat) if spec.val_path else None
 
     set_seed(spec.seed)  # same LoRA initialisation on every rank
-    model = load_model(
-        spec.base_model,
-        rope_base=spec.rope_base,
-        sliding_window=spec.sliding_window,
-        dtype=torch.bfloat16 if on_gpu else torch.float32,
-        trust_remote_code=spec.trust_remote_code,
-    )
-    if spec.gradient_checkpointing:
+    # On the CPU here: the Trainer moves it to the worker's device (DeepSpeed, shard by shard).
+    model = load_configured(spec.model, dataclasses.replace(placement, device="cpu"))
+    if train.gradient_checkpointing:
         model.enable_input_require_grads()  # LoRA leaves the embeddings frozen
-    model = add_lora(model, rank=spec.lora_rank, alpha=spec.lora_alpha, dropout=spec.lora_dropout,
-                     target=spec.lora_target)
+    model = add_lora(model, rank=train.lora_rank, alpha=train.lora_alpha, dropout=train.lora_dropout,
+                     target=train.lora_target)
 
     callbacks = [StepMetrics(spec.name, config.get("progress_board")), *config.get("callbacks", ())]
     if in_ray:
@@ -267,7 +266,7 @@ def train_loop_per_worker(config: dict) -> None:
     try:
         trainer = Trainer(
             model=model,
-            args=training_arguments(spec, scratch, on_gpu),
+            args=training_arguments(spec, scratch, placement),
             train_dataset=train_set,
             eval_dataset=val_set,
             data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX),
@@ -291,7 +290,7 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             for scratch_file in ("training_args.bin", "README.md"):  # a pickle and a model card
                 (final / scratch_file).unlink(missing_ok=True)
-            write_adapter_meta(trainer.model.config, final, spec.base_model)
+            write_adapter_meta(trainer.model.config, final, spec.model.path)
             write_metrics(trainer.state.log_history, final / METRICS_FILE)
             losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
             summary = {
@@ -305,7 +304,7 @@ def train_loop_per_worker(config: dict) -> None:
                 "finished_at": time.time(),
             }
             (final / FINAL_MARKER).write_text(json.dumps(summary, indent=2))
-        _publish_final(final, rank, in_ray, spec.out_dir, config["spec"])
+        _publish_final(final, rank, in_ray, spec)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -333,7 +332,7 @@ def _fit(trainer, in_ray: bool) -> int | None:
         return int(state["global_step"])
 
 
-def _publish_final(final: Path, rank: int, in_ray: bool, out_dir: str, spec: dict) -> None:
+def _publish_final(final: Path, rank: int, in_ray: bool, spec: TrainSpec) -> None:
     if in_ray:
         import ray.train
 
@@ -341,6 +340,4 @@ def _publish_final(final: Path, rank: int, in_ray: bool, out_dir: str, spec: dic
         checkpoint = ray.train.Checkpoint.from_directory(str(final)) if rank == 0 else None
         ray.train.report({"final": 1}, checkpoint=checkpoint, checkpoint_dir_name="final")
         return
-    from engine.train import TrainSpec, publish_variant, spec_digest
-
-    publish_variant(str(final), out_dir, {"spec": spec, "spec_digest": spec_digest(TrainSpec(**spec))})
+    publish_variant(final, spec)

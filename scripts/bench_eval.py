@@ -78,10 +78,11 @@ import sys, time
 sys.path[:0] = sys.argv[4:]
 import pyarrow.parquet as pq
 from bench_eval import CharF1
+from engine.config import EvaluateConfig, ModelConfig
 from engine.evaluate import EvalJob, EvalWorker, ModelRef
 ckpt, data, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
 rows = pq.read_table(data).to_pylist()
-job = EvalJob("bare", ModelRef(ckpt, None), "bench", data, "unused", batch_size=4)
+job = EvalJob("bare", ModelRef(ModelConfig("bench", ckpt)), "bench", data, "unused", EvaluateConfig(batch_size=4))
 worker = EvalWorker(torch_threads=1, scorer=CharF1())
 worker.run(job, 0, rows[:4])  # load the model outside the timed part
 t, n = time.perf_counter(), 0
@@ -113,13 +114,15 @@ def bare_capacity(ckpt: str, data: str, seconds: float = 8.0) -> dict:
 
 
 def run_once(n_actors: int, ckpt: str, data: str, out: Path, args) -> dict:
-    from engine.evaluate import EvalJob, ModelRef, PoolConfig, run_eval_pool
+    from engine.config import EvaluateConfig, ModelConfig
+    from engine.evaluate import EvalJob, ModelRef, run_eval_pool
 
     shutil.rmtree(out, ignore_errors=True)
-    job = EvalJob(f"bench-{n_actors}", ModelRef(ckpt, None), "bench", data, str(out), batch_size=args.batch_size)
-    pool = PoolConfig(num_actors=n_actors, cpus_per_actor=1, shard_size=args.shard_size, timeout_s=600)
+    pool = EvaluateConfig(num_actors=n_actors, cpus_per_actor=1, shard_size=args.shard_size, timeout_s=600,
+                          batch_size=args.batch_size)
+    job = EvalJob(f"bench-{n_actors}", ModelRef(ModelConfig("bench", ckpt)), "bench", data, str(out), pool)
     load_before = os.getloadavg()[0]
-    summaries, stats = run_eval_pool([job], pool, show_progress=True, scorer=CharF1())
+    summaries, stats = run_eval_pool([job], show_progress=True, scorer=CharF1())
     n = summaries[job.name]["n"]
     return {
         "actors": n_actors,

@@ -38,7 +38,10 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from engine.store import write_json  # noqa: E402
-from engine.train import TrainSpec, concurrent_slots, train_all, train_loop_per_worker  # noqa: E402
+from engine.config import ModelConfig, TrainConfig  # noqa: E402
+from engine.train import concurrent_slots, train_all  # noqa: E402
+from engine.train_spec import TrainSpec  # noqa: E402
+from engine.train_worker import train_loop_per_worker  # noqa: E402
 from tasks.example import Example, Span, to_table  # noqa: E402
 
 
@@ -78,8 +81,9 @@ def main() -> None:
     base = str(save_tiny("llama", work / "base", hidden_size=args.hidden, intermediate_size=2 * args.hidden,
                          max_position_embeddings=2048))
     write_data(work / "train.parquet", 64, args.context_chars)
-    spec = TrainSpec("bench/hh", base, str(work / "train.parquet"), None, "", max_length=1024,
-                     grad_accum=1, lr=1e-3, max_steps=args.steps, save_steps=10 ** 6)
+    spec = TrainSpec("bench/hh", ModelConfig("bench", base),
+                     TrainConfig(max_length=1024, grad_accum=1, lr=1e-3, max_steps=args.steps, save_steps=10 ** 6),
+                     str(work / "train.parquet"), None, "")
 
     def variant(name: str) -> TrainSpec:
         return dataclasses.replace(spec, name=f"bench/{name}", out_dir=str(work / name))
@@ -91,7 +95,7 @@ def main() -> None:
     for r in range(args.repeats):
         bare = variant(f"bare{r}")
         started = time.perf_counter()
-        train_loop_per_worker({"spec": dataclasses.asdict(bare)})
+        train_loop_per_worker({"spec": bare})
         bare_walls.append(time.perf_counter() - started)
         bare_steps.append(seconds_per_step(bare.out_dir))
         started = time.perf_counter()

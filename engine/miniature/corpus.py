@@ -30,6 +30,7 @@ import re
 from dataclasses import dataclass
 
 from .drills import drill
+from .spec import MiniatureError
 from .world import WORD_PATTERN
 
 COPY_MARK = "Copy"
@@ -200,7 +201,7 @@ class PretrainingMix:
         self.n_batches = -(-size // batch_size)
         for kind, weight in zip(KINDS, self.weights):
             if kind in TASKS and weight > 0 and self._drill(kind, random.Random(f"{seed}/fits/{kind}")) is None:
-                raise ValueError(f"miniature.context {context}: no {kind} drill fits in {context} tokens "
+                raise MiniatureError(f"miniature.context {context}: no {kind} drill fits in {context} tokens "
                                  f"({self.DRILL_TRIES} draws); give it weight 0 in miniature.mix or a longer context")
 
     def __len__(self) -> int:
@@ -250,7 +251,7 @@ class PretrainingMix:
             # the next draws take the full length (the batch is padded to its longest item).
             made = drill(kind, rng, self.world, self.tokenizer, length) or self._drill(kind, rng)
             if made is None:
-                raise RuntimeError(f"pretraining mix item {i}: no {kind} drill fit in {self.context} tokens "
+                raise MiniatureError(f"pretraining mix item {i}: no {kind} drill fit in {self.context} tokens "
                                    f"in {self.DRILL_TRIES} draws")
             ids, labels = made
             if rng.random() < self.lm_share:

@@ -27,7 +27,6 @@ import os
 import shutil
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,6 +34,7 @@ import torch
 from .checks import retrieval_accuracy, summary
 from .corpus import PretrainingMix, encode_qa, prompt_words, task_examples
 from .sources import SourceSizes, render_sources, write_atomic
+from .spec import MiniatureError, MiniatureSpec
 from .tokenizer import build_tokenizer, vocabulary
 from .world import build_world
 
@@ -44,90 +44,6 @@ SOURCES = "sources"
 # The base model shipped with the repository (pretrained by `needlework miniature pretrain --ship`).
 SHIPPED = Path(__file__).resolve().parents[2] / "data" / "miniature"
 CHECKPOINT_STEPS = 500  # a killed pretraining resumes from here (not part of the recipe)
-
-
-class MiniatureError(RuntimeError):
-    """The pretrained miniature does not retrieve by content at its own length."""
-
-
-@dataclass(frozen=True)
-class MiniatureSpec:
-    """Everything that determines the miniature base model (the cache key).
-
-    Attributes:
-        seed: world and training seed.
-        n_layers / n_heads / n_kv_heads / hidden / intermediate: Llama dimensions (GQA).
-        head_dim: per-head width (default hidden / n_heads). RoPE rotates head_dim / 2
-            frequency pairs; with few pairs, raising the base moves even the fast ones a lot.
-        context: pretraining length in tokens.
-        rope_base: RoPE base during pretraining.
-        steps / batch_size / lr / warmup_steps: optimization (`steps` counts both phases).
-        phase1_steps: first steps on short copy probes alone, where the copy heads form.
-        phase1_length: longest sequence in phase 1.
-        ramp_steps: steps after phase 1 over which the longest length grows to `context` and
-            the mix moves from copy alone to `mix`.
-        mix: weights of the `corpus.KINDS` (copy, lookup, the MDQA, MuSiQue and SummHay drills,
-            task QA) after phase 1, at lengths up to `context`.
-        rope_jitter: from step `rope_jitter_from`, every other step on average trains at a RoPE
-            base drawn log-uniformly from [rope_base, rope_base * rope_jitter] (1: off); the
-            rest, and the saved model, keep `rope_base`. A large model tolerates a raised base
-            at its own length; a tiny one with few frequency pairs does not unless trained to
-            (see `rope_jitter_callback`).
-        rope_jitter_from: the first jittered step (None: the end of phase 1). Jitter while
-            the skills form slows them (measured: copy at L 0.22 against 0.84 at step 3,000);
-            jitter over the last steps keeps them and makes them robust to a raised base.
-        lm_share: share of drill and QA sequences trained with next-token loss on every token
-            (documents and questions too), the rest on their answers alone.
-        max_span: longest copied span.
-        qa_per_task: distinct short real-variant examples per task in the QA part of the
-            corpus; the rendered sources grow to hold them (`source_sizes`).
-        min_accuracy: copy accuracy required at `context` (random depths).
-        check_probes: probes per length in the final check.
-        threads: torch threads while pretraining.
-    """
-
-    seed: int = 0
-    n_layers: int = 4
-    n_heads: int = 8
-    n_kv_heads: int = 2
-    head_dim: int | None = 32
-    hidden: int = 192
-    intermediate: int = 512
-    context: int = 192
-    rope_base: float = 10000.0
-    steps: int = 7000
-    batch_size: int = 32
-    lr: float = 2e-3
-    warmup_steps: int = 100
-    phase1_steps: int = 800
-    phase1_length: int = 96
-    ramp_steps: int = 800
-    mix: tuple[float, ...] = (0.2, 0.05, 0.25, 0.15, 0.2, 0.15)
-    rope_jitter: float = 8.0
-    rope_jitter_from: int | None = 5600
-    lm_share: float = 1.0
-    max_span: int = 32
-    qa_per_task: int = 3000
-    min_accuracy: float = 0.95
-    on_failed_check: str = "raise"  # or "warn": keep the model, flag it in miniature.json and the report
-    check_probes: int = 64
-    threads: int = 2
-
-    def __post_init__(self):
-        # YAML gives lists, and ints where floats are meant (`rope_jitter: 32`); the spec must
-        # stay hashable and hash the same either way, or an equal spec pretrains again.
-        object.__setattr__(self, "mix", tuple(float(w) for w in self.mix))
-        for f in dataclasses.fields(self):
-            if f.type == "float":  # annotations are strings here (from __future__ import annotations)
-                object.__setattr__(self, f.name, float(getattr(self, f.name)))
-        if self.on_failed_check not in ("raise", "warn"):
-            raise ValueError(f"miniature.on_failed_check: {self.on_failed_check!r}; choose 'raise' or 'warn'")
-        if len(self.mix) != 6:
-            raise ValueError(f"miniature.mix: {list(self.mix)} must give six weights: copy, lookup, the MDQA, "
-                             "MuSiQue and SummHay drills, task QA")
-        if self.n_heads % self.n_kv_heads or (self.head_dim is None and self.hidden % self.n_heads):
-            raise ValueError(f"miniature: hidden {self.hidden}, heads {self.n_heads}, kv heads "
-                             f"{self.n_kv_heads} do not divide evenly")
 
 
 def default_cache_dir() -> Path:

@@ -7,7 +7,8 @@ Example:
     ['Cats nap.']
 """
 
-from engine.synth.backend import Backend, SynthError, make_backend
+from engine.synth.backend import Backend, make_backend
+from engine.synth.errors import SynthError
 from engine.synth.config import SynthConfig, synth_config_from_dict
 from engine.synth.request import KINDS, SynthRequest, make_request, read_requests, write_requests
 from engine.synth.synthesizer import Synthesizer, make_synthesizer, run_synth

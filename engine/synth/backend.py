@@ -16,10 +16,6 @@ from typing import Protocol
 from engine.synth.config import SynthConfig
 
 
-class SynthError(RuntimeError):
-    """Synthesis could not produce what was asked (backend failure, or invalid with on_invalid=raise)."""
-
-
 class Backend(Protocol):
     def complete(self, chats: list[list[dict]], seeds: list[int]) -> list[str]:
         """One generated text per chat, in order; `seeds[i]` seeds chat i's sampling."""

@@ -2,7 +2,9 @@
 
 `HFGenerator` is a plain class (callable on a batch, testable without Ray); `HFBackend`
 runs it with `Dataset.map_batches` over a fixed pool of `concurrency` actors, each loading
-the model once. Greedy decoding (temperature 0) is batched; sampling runs row by row under
+the model once, as every stage loads a model: from a `ModelConfig` (`synth_model`), placed by
+`engine.placement.resolve_placement` for the actor's `num_gpus` (bfloat16 and FlashAttention-2
+on a GPU where they run, float32 and SDPA on the CPU). Greedy decoding (temperature 0) is batched; sampling runs row by row under
 `torch.manual_seed(seed)`, so a row's text depends only on its own seed, never on which
 rows shared its batch (the cache key assumes exactly that).
 
@@ -19,7 +21,16 @@ import os
 
 import numpy as np
 
+from engine.config import ModelConfig
 from engine.synth.config import SynthConfig
+
+
+def synth_model(config: SynthConfig) -> ModelConfig:
+    """The synthesis model as a model section: `synth.model` (a fetchable model by name, such as
+    smollm2-135m-instruct, is its cached checkpoint), its dtype and attention left to the placement."""
+    from engine.model_sources import resolve_model
+
+    return ModelConfig(name=config.model, path=resolve_model(config.model))
 
 
 def render_chat(tokenizer, chat: list[dict]) -> str:
@@ -35,25 +46,25 @@ class HFGenerator:
 
     def __init__(
         self,
-        model: str,
+        model: ModelConfig,
         max_tokens: int,
         temperature: float,
         top_p: float,
+        gpus: float = 0,
         torch_threads: int = 1,
     ):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from engine.models import load_tokenizer
+        from engine.placement import load_configured, resolve_placement
 
         torch.set_num_threads(torch_threads)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.tokenizer = AutoTokenizer.from_pretrained(model)
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.tokenizer.padding_side = "left"  # decoder-only batches pad on the left
-        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
-        # safetensors only: a pickle checkpoint could run code while it loads
-        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, use_safetensors=True)
-        self.model = self.model.to(self.device).eval()
+        self.placement = resolve_placement(model, gpus)
+        self.device = self.placement.device
+        self.tokenizer = load_tokenizer(model.path, trust_remote_code=model.trust_remote_code)  # pads on the left
+        # safetensors only (a pickle checkpoint could run code while it loads); any causal LM,
+        # not only the families whose heads the engine instruments
+        self.model = load_configured(model, self.placement, instrumented=False)
         self.max_tokens = max_tokens
         self.temperature = temperature
         self.top_p = top_p
@@ -113,16 +124,12 @@ class HFBackend:
 
         if not chats:
             return []
-        from engine.model_sources import resolve_model
-
         c = self.config
         rows = [{"index": i, "chat": json.dumps(chat), "seed": int(s)} for i, (chat, s) in enumerate(zip(chats, seeds))]
         ds = ray.data.from_items(rows).map_batches(
             HFGenerator,
-            fn_constructor_kwargs=dict(
-                # a fetchable model by name (smollm2-135m-instruct) is its cached checkpoint
-                model=resolve_model(c.model), max_tokens=c.max_tokens, temperature=c.temperature, top_p=c.top_p
-            ),
+            fn_constructor_kwargs=dict(model=synth_model(c), max_tokens=c.max_tokens, temperature=c.temperature,
+                                       top_p=c.top_p, gpus=c.num_gpus),
             batch_size=c.batch_size,
             compute=ray.data.ActorPoolStrategy(size=c.concurrency),
             num_cpus=1,

@@ -20,7 +20,7 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-from engine.synth.backend import SynthError
+from engine.synth.errors import SynthError
 from engine.synth.config import SynthConfig
 
 RETRY_STATUS = (408, 429, 500, 502, 503, 504)

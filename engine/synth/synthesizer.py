@@ -28,9 +28,10 @@ from rich.text import Text
 
 from engine.progress import plain_lines
 from engine.store import write_parquet
-from engine.synth.backend import Backend, SynthError, make_backend
+from engine.synth.backend import Backend, make_backend
 from engine.synth.cache import GenerationCache, generation_key
 from engine.synth.config import SynthConfig
+from engine.synth.errors import SynthError
 from engine.synth.prompts import build_chat
 from engine.synth.request import SynthRequest, read_requests
 from engine.synth.validate import check

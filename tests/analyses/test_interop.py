@@ -17,6 +17,7 @@ from scipy import stats as sp
 from analyses.interop import InteropError, compare, read_head_scores, top_k_overlap, write_head_scores
 from analyses.knockout import KnockoutError, knockout_jobs
 from analyses.patching import PatchingError, head_sets
+from engine.config import EvaluateConfig, KnockoutConfig, ModelConfig
 from engine.evaluate import ModelRef
 
 # 2 layers x 3 heads, as Retrieval_Head writes it: ints 0, floats, per-example lists, and a head
@@ -179,22 +180,26 @@ def own_scores(tmp_path):
 
 def test_knockout_ranks_by_an_external_file(tmp_path, own_scores):
     qrhead = write(tmp_path / "qr.yaml", 'attn_head_set: "0-3,1-1,0-0"\n')
-    kw = dict(model=ModelRef("base", None), task="mdqa", head_scores=own_scores, kind="retrieval",
-              data_path="d.parquet", seeds=(0, 1), out_dir=str(tmp_path / "ko"))
-    runs = knockout_jobs(ks=(0, 1, 2, 3), heads_from=str(qrhead), **kw)
+    kw = dict(model=ModelRef(ModelConfig("m", "base")), task="mdqa", head_scores=own_scores, kind="retrieval",
+              data_path="d.parquet", out_dir=str(tmp_path / "ko"), evaluate=EvaluateConfig())
+
+    def sweep(ks, heads_from=None):
+        return KnockoutConfig(ks=ks, seeds=(0, 1), heads_from=heads_from)
+
+    runs = knockout_jobs(knockout=sweep((0, 1, 2, 3), str(qrhead)), **kw)
     top = {r.k: r.heads for r in runs if r.selection == "top"}
     assert top == {0: (), 1: ((0, 3),), 2: ((0, 3), (1, 1)), 3: ((0, 0), (0, 3), (1, 1))}
     for r in runs:
         if r.selection == "random":
             assert len(r.heads) == r.k and not set(r.heads) & set(top[r.k])  # drawn outside the file's top k
             assert r.job.knockout == r.heads
-    own = {r.k: r.heads for r in knockout_jobs(ks=(0, 2), **kw) if r.selection == "top"}
+    own = {r.k: r.heads for r in knockout_jobs(knockout=sweep((0, 2)), **kw) if r.selection == "top"}
     assert own[2] == ((0, 0), (1, 3))  # without the file: the model's own ranking
     with pytest.raises(KnockoutError, match=r"ks \[0, 4\] must lie in \[0, 3\] \(heads ranked in .*qr.yaml\)"):
-        knockout_jobs(ks=(0, 4), heads_from=str(qrhead), **kw)
+        knockout_jobs(knockout=sweep((0, 4), str(qrhead)), **kw)
     alien = write(tmp_path / "alien.yaml", 'attn_head_set: "0-3,7-1"\n')
     with pytest.raises(KnockoutError, match="alien.yaml: head 7-1 is not a head of the model"):
-        knockout_jobs(ks=(1,), heads_from=str(alien), **kw)
+        knockout_jobs(knockout=sweep((1,), str(alien)), **kw)
 
 
 def test_patching_takes_h_real_from_an_external_file(tmp_path, own_scores):

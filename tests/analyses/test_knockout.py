@@ -16,8 +16,10 @@ from analyses.knockout import (
     ranked_heads,
     run_knockout,
 )
-from engine.evaluate import ModelRef, PoolConfig
-from engine.heads import Knockout, score_table
+from engine.config import EvaluateConfig, KnockoutConfig, ModelConfig
+from engine.evaluate import ModelRef
+from engine.head_scores import score_table
+from engine.heads import Knockout
 from engine.models import load_model, load_tokenizer
 
 
@@ -54,16 +56,18 @@ def test_random_heads_exclude_the_top_k_and_reproduce_by_seed():
 def test_jobs_cover_the_sweep(tmp_path):
     grid = np.arange(8, dtype=float).reshape(2, 4) / 10
     path = scores_file(tmp_path / "h.parquet", grid)
-    runs = knockout_jobs(model=ModelRef("m", None), task="kv", head_scores=path, kind="retrieval",
-                         data_path="d.parquet", ks=(2, 0, 2), seeds=(0, 1, 2), out_dir=str(tmp_path / "ko"))
+    runs = knockout_jobs(model=ModelRef(ModelConfig("m", "m")), task="kv", head_scores=path, kind="retrieval",
+                         data_path="d.parquet", out_dir=str(tmp_path / "ko"),
+                         knockout=KnockoutConfig(ks=(2, 0, 2), seeds=(0, 1, 2)), evaluate=EvaluateConfig())
     assert [(r.k, r.selection, r.seed) for r in runs] == [
         (0, "top", -1), (2, "top", -1), (2, "random", 0), (2, "random", 1), (2, "random", 2)]
     assert runs[1].heads == ((1, 2), (1, 3)) and runs[1].job.knockout == ((1, 2), (1, 3))
-    assert runs[0].job.knockout is None and not any(r.job.score_heads for r in runs)
+    assert runs[0].job.knockout is None and all(r.job.scoring is None for r in runs)
     assert len({r.job.out_dir for r in runs}) == len(runs)
     with pytest.raises(KnockoutError, match="must lie in"):
-        knockout_jobs(model=ModelRef("m", None), task="kv", head_scores=path, kind="retrieval",
-                      data_path="d.parquet", ks=(9,), out_dir=str(tmp_path))
+        knockout_jobs(model=ModelRef(ModelConfig("m", "m")), task="kv", head_scores=path, kind="retrieval",
+                      data_path="d.parquet", out_dir=str(tmp_path), knockout=KnockoutConfig(ks=(9,)),
+                      evaluate=EvaluateConfig())
 
 
 def test_curve_mean_and_std():
@@ -82,9 +86,10 @@ def test_knockout_end_to_end_through_ray(tmp_path, tiny_checkpoints, ray_cluster
     scores = scores_file(tmp_path / "head_scores.parquet", grid)
     out = tmp_path / "knockout"
     table = run_knockout(
-        model=ModelRef(ckpt, None), task="kv", head_scores=scores, kind="retrieval", data_path=data,
-        ks=(0, 2), seeds=(0, 1), out_dir=str(out), pool=PoolConfig(num_actors=2, shard_size=4, timeout_s=120),
-        batch_size=2, show_progress=False, scorer=CharScorer(),
+        model=ModelRef(ModelConfig("tiny", ckpt)), task="kv", head_scores=scores, kind="retrieval", data_path=data,
+        out_dir=str(out), knockout=KnockoutConfig(ks=(0, 2), seeds=(0, 1)),
+        evaluate=EvaluateConfig(num_actors=2, shard_size=4, timeout_s=120, batch_size=2),
+        show_progress=False, scorer=CharScorer(),
     )
     assert pq.read_table(out / "knockout.parquet").equals(table)
     rows = table.to_pylist()

@@ -3,6 +3,8 @@ in-process patched decoding."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -11,13 +13,19 @@ from eval_data import CharScorer, make_examples, mean_f1, reference_decode, writ
 from tiny import save_tiny
 
 from analyses.patching import HeadSets, PatchingError, head_sets, patch_runs, run_patching
-from engine.evaluate import ModelRef, PoolConfig
-from engine.heads import Patch, score_table
+from engine.config import EvaluateConfig, ModelConfig, PatchingConfig
+from engine.evaluate import ModelRef
+from engine.head_scores import score_table
+from engine.heads import Patch
 from engine.models import load_model, load_tokenizer
 
 REAL = {(0, 0), (0, 1), (0, 2), (1, 0)}  # H_real
 SYNTH = {(0, 0), (1, 1), (1, 2)}  # H_X: inter = {(0,0)}, compl = {(0,1), (0,2), (1,0)}, n = 1
-POOL = PoolConfig(num_actors=2, shard_size=4, timeout_s=120)
+POOL = EvaluateConfig(num_actors=2, shard_size=4, timeout_s=120)
+
+
+def ref(path: str) -> ModelRef:
+    return ModelRef(ModelConfig("tiny", path))
 
 
 def scores_file(path, positive: set, kind: str = "retrieval") -> str:
@@ -34,11 +42,12 @@ def test_head_sets_and_sampling(tmp_path):
     assert len(sets.all_heads) == 8
     big = HeadSets(real=frozenset((0, h) for h in range(20)), target=frozenset((0, h) for h in range(4)),
                    all_heads=tuple((l, h) for l in range(4) for h in range(20)))  # |inter| 4, |compl| 16
-    kw = dict(target=ModelRef("x", None), source=ModelRef("a", None), task="kv", data_path="d", out_dir="o")
+    kw = dict(target=ref("x"), source=ref("a"), task="kv", data_path="d", out_dir="o")
     runs = patch_runs(big, seeds=(0, 1), **kw)
     assert [(r.set, r.seed) for r in runs] == [("none", -1)] + [(s, seed) for seed in (0, 1) for s in ("inter", "compl", "random")]
     for r in runs[1:]:
-        assert len(r.heads) == 4 and r.job.patch_heads == r.heads and r.job.patch_source == ModelRef("a", None)
+        assert len(r.heads) == 4 and r.job.patch_heads == r.heads and r.job.patch_source == ref("a")
+        assert r.job.scoring is None  # patched runs decode without head scores
         assert set(r.heads) <= {"inter": big.real & big.target, "compl": big.real - big.target,
                                 "random": set(big.all_heads)}[r.set]
     assert runs[0].job.patch_source is None
@@ -66,9 +75,10 @@ def test_empty_intersection_is_recorded_not_run(tmp_path, tiny_checkpoints):
     )
     # H_X has none of H_real: H_inter is empty, n = 0, nothing is patched and no actor starts
     table = run_patching(
-        target=ModelRef(ckpt, None), source=ModelRef(ckpt, None), task="kv",
+        target=ref(ckpt), source=ref(ckpt), task="kv",
         target_scores=scores_file(tmp_path / "x.parquet", {(1, 3)}), source_scores=scores_file(tmp_path / "a.parquet", REAL),
-        kind="retrieval", data_path=data, out_dir=str(tmp_path / "out"), pool=POOL, seeds=(0,),
+        kind="retrieval", data_path=data, out_dir=str(tmp_path / "out"), patching=PatchingConfig(seeds=(0,)),
+        evaluate=POOL,
         unpatched_predictions=str(tmp_path / "predictions.parquet"), show_progress=False, scorer=scorer,
     )
     rows = table.to_pylist()
@@ -88,8 +98,9 @@ def test_patching_end_to_end_through_ray(tmp_path, tiny_checkpoints, ray_cluster
     real_scores = scores_file(tmp_path / "real.parquet", REAL)
     synth_scores = scores_file(tmp_path / "synth.parquet", SYNTH)
     kw = dict(task="kv", target_scores=synth_scores, source_scores=real_scores, kind="retrieval", data_path=data,
-              pool=POOL, seeds=(0, 1), batch_size=2, show_progress=False, scorer=CharScorer())
-    table = run_patching(target=ModelRef(synth_ckpt, None), source=ModelRef(real_ckpt, None),
+              patching=PatchingConfig(seeds=(0, 1)), evaluate=dataclasses.replace(POOL, batch_size=2),
+              show_progress=False, scorer=CharScorer())
+    table = run_patching(target=ref(synth_ckpt), source=ref(real_ckpt),
                          out_dir=str(tmp_path / "patching"), **kw)
     assert pq.read_table(tmp_path / "patching" / "patching.parquet").equals(table)
     rows = table.to_pylist()

@@ -343,3 +343,18 @@ def test_scoring_readings_default_to_the_papers_and_key_the_evaluation(tmp_path)
         load_experiment(path, overrides=["scoring.argmax=all"])
     heads = load_experiment(path, overrides=["knockout.heads_from=theirs.json", "patching.heads_from=q.yaml"])
     assert (heads.knockout.heads_from, heads.patching.heads_from) == ("theirs.json", "q.yaml")
+
+
+def test_run_labels_format_and_parse_back():
+    from engine.artifacts import default_head_kind
+    from engine.config import label_variant, run_label
+
+    assert run_label("hh") == "hh"
+    assert run_label("hh", 1, (("train.lr", 0.0001), ("train.epochs", 2))) == "hh-s1@lr=0.0001@epochs=2"
+    assert run_label("real_limited_l1", 0) == "real_limited_l1-s0"
+    for label in ("hh", "hh-s1@lr=0.0001@epochs=2", "hh@lr=0.0001"):
+        assert label_variant(label) == "hh"
+    assert label_variant("real_limited_l1-s0") == "real_limited_l1"
+    # the head kind a task defines H_X by comes from the task module
+    assert [default_head_kind(t) for t in ("mdqa", "musique", "summhay", "needle", "other")] == \
+        ["retrieval", "retrieval", "insight", "retrieval", "retrieval"]

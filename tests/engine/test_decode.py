@@ -204,6 +204,37 @@ def test_tokens_equal_transformers_generate(family, model, tok):
         assert p.retrieval is None and p.insight is None
 
 
+def test_scoring_never_changes_what_is_decoded(family, model, tok):
+    """Scored and plain decoding run the same attention at every step, so their tokens are equal,
+    whatever the intervention (and the decode takes the engine's one-query step, not SDPA's)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from engine.heads import Knockout, Patch
+
+    prompts = [p * 3 for p in PROMPTS]  # long enough that the sliding window (12) cuts in
+    spans = [ScoreSpans(((0, 10),), ((0, 20),))] * len(prompts)
+    other = tiny_model(family, seed=1)
+    for intervention in (None, Knockout(((0, 1), (1, 2))), Patch(other, ((0, 0), (1, 3)))):
+        kw = dict(max_new_tokens=24, batch_size=2, intervention=intervention)
+        plain = greedy_decode(model, tok, prompts, **kw)
+        scored = greedy_decode(model, tok, prompts, spans=spans, **kw)
+        assert [p.token_ids for p in plain] == [s.token_ids for s in scored], intervention
+        assert all(len(p.token_ids) == 24 for p in plain)  # no EOS: every step compared
+    base, calls = ALL_ATTENTION_FUNCTIONS["sdpa"], []
+
+    def counting(module, query, *args, **kwargs):
+        calls.append(query.shape[2])
+        return base(module, query, *args, **kwargs)
+
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = counting
+    try:
+        greedy_decode(model, tok, prompts[:1], max_new_tokens=5)
+    finally:
+        ALL_ATTENTION_FUNCTIONS["sdpa"] = base
+    n_layers = model.config.num_hidden_layers
+    assert calls == [len(tok(prompts[0])["input_ids"])] * n_layers  # SDPA ran the prefill alone
+
+
 def test_stop_strings_cut_text_and_scoring(model, tok):
     (full,) = greedy_decode(model, tok, [PROMPTS[1]], max_new_tokens=12, spans=[SPANS[1]], keep_argmax=True)
     stop = full.text[3:5]

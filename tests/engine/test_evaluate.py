@@ -2,7 +2,7 @@
 
 Reference: `engine.decode.greedy_decode` called directly on the same checkpoint (no Ray, no
 shards), scored with the registered `mdqa` task's `score`; head scores from
-`engine.heads.score_table` over its per-example scores.
+`engine.head_scores.score_table` over its per-example scores.
 """
 
 from __future__ import annotations
@@ -18,9 +18,11 @@ import pyarrow.parquet as pq
 import pytest
 from eval_data import make_examples, write_eval_set
 
+from engine.config import EvaluateConfig, ModelConfig, ScoringConfig
 from engine.decode import ScoreSpans, greedy_decode
-from engine.evaluate import EvalError, EvalJob, EvalWorker, ModelRef, PoolConfig, job_hash, run_eval_pool, run_jobs
-from engine.heads import Knockout, score_table
+from engine.evaluate import EvalError, EvalJob, EvalWorker, ModelRef, job_hash, run_eval_pool, run_jobs
+from engine.head_scores import score_table
+from engine.heads import Knockout
 from engine.models import load_model, load_tokenizer
 from engine.pool import ACTOR_PREFIX, WorkItem, pool_size
 from tasks import mdqa
@@ -29,11 +31,16 @@ N_EXAMPLES = 40
 MAX_NEW = 16  # the char vocabulary has no newline: every answer runs to this length
 KNOCKED = ((0, 1), (1, 3))
 SELF_PATCHED = 6  # examples
-POOL = PoolConfig(num_actors=2, shard_size=2, max_retries=3, timeout_s=120)
+POOL = EvaluateConfig(num_actors=2, shard_size=2, max_retries=3, timeout_s=120, max_new_tokens=MAX_NEW, batch_size=1)
 
 
-def job(name: str, ckpt: str, data: str, out: Path, **kw) -> EvalJob:
-    return EvalJob(name, ModelRef(ckpt, None), "mdqa", data, str(out), max_new_tokens=MAX_NEW, batch_size=1, **kw)
+def tiny(ckpt: str) -> ModelRef:
+    return ModelRef(ModelConfig("tiny", ckpt))
+
+
+def job(name: str, ckpt: str, data: str, out: Path, evaluate: EvaluateConfig = POOL,
+        scoring: ScoringConfig | None = ScoringConfig(), **kw) -> EvalJob:
+    return EvalJob(name, tiny(ckpt), "mdqa", data, str(out), evaluate, scoring, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -55,15 +62,15 @@ def setup(tmp_path_factory, tiny_checkpoints):
 @pytest.fixture(scope="module")
 def undisturbed(setup, ray_cluster):
     """One pool run of a scored job and a knockout job (2 actors), shards kept."""
+    kept = dataclasses.replace(POOL, keep_shards=True)
     jobs = [
-        job("plain", setup["ckpt"], setup["data"], setup["root"] / "plain"),
-        job("ko", setup["ckpt"], setup["data"], setup["root"] / "ko", score_heads=False, knockout=KNOCKED),
+        job("plain", setup["ckpt"], setup["data"], setup["root"] / "plain", kept),
+        job("ko", setup["ckpt"], setup["data"], setup["root"] / "ko", kept, scoring=None, knockout=KNOCKED),
         # a model patched with its own activations must be the unpatched model
-        job("self-patch", setup["ckpt"], setup["data"], setup["root"] / "self-patch", limit=SELF_PATCHED,
-            patch_source=ModelRef(setup["ckpt"], None), patch_heads=KNOCKED),
+        job("self-patch", setup["ckpt"], setup["data"], setup["root"] / "self-patch",
+            dataclasses.replace(kept, limit=SELF_PATCHED), patch_source=tiny(setup["ckpt"]), patch_heads=KNOCKED),
     ]
-    summaries, stats = run_eval_pool(jobs, PoolConfig(**{**POOL.__dict__, "keep_shards": True}),
-                                     show_progress=False)
+    summaries, stats = run_eval_pool(jobs, show_progress=False)
     return {"jobs": jobs, "summaries": summaries, "stats": stats}
 
 
@@ -142,12 +149,12 @@ def test_rerun_skips_existing_shards(setup, undisturbed, ray_cluster):
     for path in (out / "predictions.parquet", out / "summary.json", shards[3], shards[7]):
         path.unlink()  # a driver that died after some shards
     resumed = job("resume", setup["ckpt"], setup["data"], out)
-    summaries, stats = run_eval_pool([resumed], POOL, show_progress=False)
+    summaries, stats = run_eval_pool([resumed], show_progress=False)
     assert stats.calls == 2 and stats.n_actors == 2  # only the two missing shards ran
     assert pq.read_table(out / "predictions.parquet").equals(before)
     assert not list((out / "shards").glob("*.parquet"))  # merged shards are removed by default
 
-    again, stats = run_eval_pool([resumed], POOL, show_progress=False)
+    again, stats = run_eval_pool([resumed], show_progress=False)
     assert stats.calls == 0 and stats.n_actors == 0  # a finished job starts no actor at all
     assert again == summaries
 
@@ -167,8 +174,7 @@ def test_killed_actor_mid_shard_loses_and_doubles_nothing(setup, undisturbed, ra
 
     killer = threading.Thread(target=kill_one_actor_mid_run)
     killer.start()
-    summaries, stats = run_eval_pool([job("killed", setup["ckpt"], setup["data"], out)], POOL,
-                                     show_progress=False)
+    summaries, stats = run_eval_pool([job("killed", setup["ckpt"], setup["data"], out)], show_progress=False)
     killer.join(timeout=130)
     assert killed, "no actor was found to kill"
     assert stats.retries, f"the kill hit no running shard: {stats.failures}"
@@ -195,13 +201,16 @@ def test_worker_runs_without_ray_and_keeps_its_model(setup):
 
 def test_bad_inputs_fail_with_clear_errors(setup, tmp_path):
     with pytest.raises(ValueError, match="unknown task 'nosuchtask'"):
-        run_jobs([dataclasses.replace(job("a", setup["ckpt"], setup["data"], tmp_path / "a"), task="nosuchtask")], POOL)
+        run_jobs([dataclasses.replace(job("a", setup["ckpt"], setup["data"], tmp_path / "a"), task="nosuchtask")])
     with pytest.raises(EvalError, match="does not exist"):
-        run_jobs([job("a", setup["ckpt"], str(tmp_path / "nope.parquet"), tmp_path / "a")], POOL)
+        run_jobs([job("a", setup["ckpt"], str(tmp_path / "nope.parquet"), tmp_path / "a")])
     with pytest.raises(EvalError, match="unique"):
-        run_jobs([job("a", setup["ckpt"], setup["data"], tmp_path / "a")] * 2, POOL)
+        run_jobs([job("a", setup["ckpt"], setup["data"], tmp_path / "a")] * 2)
     with pytest.raises(EvalError, match=r"heads \[\(2, 0\)\] do not exist"):
-        run_jobs([job("a", setup["ckpt"], setup["data"], tmp_path / "a", knockout=((0, 1), (2, 0)))], POOL)
+        run_jobs([job("a", setup["ckpt"], setup["data"], tmp_path / "a", knockout=((0, 1), (2, 0)))])
+    with pytest.raises(EvalError, match=r"jobs of one pool must agree on evaluate\.num_actors, .*shard_size"):
+        run_jobs([job("a", setup["ckpt"], setup["data"], tmp_path / "a"),
+                  job("b", setup["ckpt"], setup["data"], tmp_path / "b", dataclasses.replace(POOL, shard_size=3))])
     with pytest.raises(EvalError, match="go together"):
         job("a", setup["ckpt"], setup["data"], tmp_path / "a", patch_heads=((0, 0),))
 
@@ -211,42 +220,57 @@ def test_job_hash_follows_data_and_adapter_contents(tmp_path):
     data.write_bytes(b"v1")
     adapter.mkdir()
     (adapter / "adapter_model.safetensors").write_bytes(b"w1")
-    j = EvalJob("a", ModelRef("base", str(adapter)), "kv", str(data), str(tmp_path / "a"))
-    first = job_hash(j, 16)
-    assert job_hash(dataclasses.replace(j, name="b", out_dir="elsewhere"), 16) == first
-    assert job_hash(j, 8) != first  # shard boundaries changed
+    j = EvalJob("a", ModelRef(ModelConfig("m", "base"), str(adapter)), "kv", str(data), str(tmp_path / "a"))
+    first = job_hash(j)
+    assert job_hash(dataclasses.replace(j, name="b", out_dir="elsewhere")) == first
+    # how the pool runs does not change what a shard holds
+    runtime = dataclasses.replace(j.evaluate, num_actors=7, cpus_per_actor=3, max_retries=0, timeout_s=5.0,
+                                  keep_shards=True)
+    assert job_hash(dataclasses.replace(j, evaluate=runtime)) == first
+    assert job_hash(dataclasses.replace(j, evaluate=dataclasses.replace(j.evaluate, shard_size=8))) != first
+    assert job_hash(dataclasses.replace(j, evaluate=dataclasses.replace(j.evaluate, gpus_per_actor=1))) != first
+    bf16 = dataclasses.replace(j.model, model=dataclasses.replace(j.model.model, dtype="bfloat16"))
+    assert job_hash(dataclasses.replace(j, model=bf16)) != first
     (adapter / "adapter_model.safetensors").write_bytes(b"w2")  # retrained at the same path
-    second = job_hash(j, 16)
+    second = job_hash(j)
     assert second != first
     data.write_bytes(b"v2")
-    assert job_hash(j, 16) not in (first, second)
+    assert job_hash(j) not in (first, second)
 
 
 def test_pool_size_from_free_resources():
-    assert pool_size(PoolConfig(cpus_per_actor=1), 10, {"CPU": 2.0}) == 2
-    assert pool_size(PoolConfig(cpus_per_actor=1), 1, {"CPU": 2.0}) == 1
-    assert pool_size(PoolConfig(cpus_per_actor=0.5), 10, {"CPU": 2.0}) == 4
-    assert pool_size(PoolConfig(gpus_per_actor=1), 10, {"CPU": 8.0, "GPU": 3.0}) == 3
-    assert pool_size(PoolConfig(cpus_per_actor=4), 10, {"CPU": 2.0}) == 1  # at least one actor
-    assert pool_size(PoolConfig(num_actors=6), 10, {"CPU": 2.0}) == 6
+    assert pool_size(EvaluateConfig(cpus_per_actor=1), 10, {"CPU": 2.0}) == 2
+    assert pool_size(EvaluateConfig(cpus_per_actor=1), 1, {"CPU": 2.0}) == 1
+    assert pool_size(EvaluateConfig(cpus_per_actor=0.5), 10, {"CPU": 2.0}) == 4
+    assert pool_size(EvaluateConfig(gpus_per_actor=1), 10, {"CPU": 8.0, "GPU": 3.0}) == 3
+    assert pool_size(EvaluateConfig(cpus_per_actor=4), 10, {"CPU": 2.0}) == 1  # at least one actor
+    assert pool_size(EvaluateConfig(num_actors=6), 10, {"CPU": 2.0}) == 6
     assert WorkItem("k", "m", ()).size == 1
 
 
-@pytest.mark.parametrize("cuda, device, dtype", [(True, "cuda", "bfloat16"), (False, "cpu", "float32")])
-def test_models_load_onto_the_actors_gpu_when_it_has_one(monkeypatch, cuda, device, dtype):
-    # No GPU here: the loader is replaced by one that records where it was asked to put the model.
-    import torch
+def test_an_actor_asked_for_bfloat16_holds_a_bfloat16_model_where_it_was_placed(setup, ray_cluster, tmp_path):
+    """A real Ray actor of the pool's worker class, given the model section's dtype, holds its
+    model in that dtype on the device `resolve_placement` chose, and the job's summary says so."""
+    import ray
 
-    import engine.models
-    from engine.evaluate import load_models
+    from engine.placement import resolve_placement
 
-    asked = []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    monkeypatch.setattr(engine.models, "load_trained", lambda path, adapter, **kw: asked.append((path, kw)) or path)
-    monkeypatch.setattr(engine.models, "load_tokenizer", lambda path, **kw: "tok")
-    j = EvalJob("x", ModelRef("target", None), "mdqa", "d.parquet", "out", patch_source=ModelRef("source", None),
-                patch_heads=((0, 0),))
-    loaded = load_models(j)
-    assert (loaded.model, loaded.source) == ("target", "source")
-    assert sorted(path for path, _ in asked) == ["source", "target"]
-    assert all(kw["device"] == device and kw["dtype"] == getattr(torch, dtype) for _, kw in asked)
+    bf16 = ModelRef(ModelConfig("tiny", setup["ckpt"], dtype="bfloat16"))
+    j = EvalJob("bf16", bf16, "mdqa", setup["data"], str(tmp_path / "bf16"), POOL, ScoringConfig())
+    expected = resolve_placement(bf16.model, POOL.gpus_per_actor)
+    assert (expected.device, expected.dtype, expected.attn_implementation) == ("cpu", "bfloat16", "sdpa")
+
+    actor = ray.remote(EvalWorker).options(num_cpus=POOL.cpus_per_actor).remote(torch_threads=1)
+    try:
+        rows = pq.read_table(setup["data"]).to_pylist()[:2]
+        table = ray.get(actor.run.remote(j, 0, rows), timeout=300)
+        held = ray.get(actor.held.remote(), timeout=60)
+    finally:
+        ray.kill(actor)
+    assert held == {"device": "cpu", "dtype": "bfloat16", "attn_implementation": "sdpa"}
+    assert set(table["dtype"].to_pylist()) == {"bfloat16"} and set(table["device"].to_pylist()) == {"cpu"}
+
+    summary = run_jobs([j], show_progress=False)["bf16"]
+    assert summary["placement"] == [held]
+    float32 = run_jobs([job("fp32", setup["ckpt"], setup["data"], tmp_path / "fp32")], show_progress=False)["fp32"]
+    assert float32["placement"] == [{"device": "cpu", "dtype": "float32", "attn_implementation": "sdpa"}]

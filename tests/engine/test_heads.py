@@ -9,19 +9,8 @@ import pytest
 import torch
 
 from engine.decode import greedy_decode
-from engine.heads import (
-    HeadError,
-    Knockout,
-    Patch,
-    insight_hits,
-    insight_scores,
-    knockout,
-    patch_heads,
-    record_heads,
-    retrieval_hits,
-    retrieval_scores,
-    score_table,
-)
+from engine.head_scores import HeadError, insight_hits, insight_scores, retrieval_hits, retrieval_scores, score_table
+from engine.heads import Knockout, Patch, knockout, patch_heads, record_heads
 from tiny import FAMILIES, char_tokenizer, tiny_model
 
 N_HEADS, D_HEAD = 4, 16  # tiny models: 4 query heads of 64 / 4
@@ -319,7 +308,7 @@ def test_visible_keys_match_transformers_masks_for_every_backend_form(window):
     """The newest query's visible keys, from each mask form a backend passes, equal transformers' own mask."""
     from transformers.masking_utils import causal_mask_function, sdpa_mask, sliding_window_causal_mask_function
 
-    from engine.heads import _visible_keys
+    from engine.head_argmax import _visible_keys
 
     kv_len = 9
     padding = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 1], [1] * 9], dtype=torch.bool)

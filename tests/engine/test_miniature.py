@@ -415,7 +415,7 @@ def test_a_mix_whose_drill_cannot_fit_its_context_is_refused(prompt_tokenizer, w
     """No MuSiQue drill (three hop paragraphs and their questions) fits in 64 tokens: the mix
     says so when it is built instead of drawing forever."""
     musique_only = (0.0, 0.0, 0.0, 1.0, 0.0, 0.0)
-    with pytest.raises(ValueError, match=r"miniature.context 64: no musique drill fits in 64 tokens"):
+    with pytest.raises(MiniatureError, match=r"miniature.context 64: no musique drill fits in 64 tokens"):
         PretrainingMix(prompt_tokenizer, [], 64, 8, 0, weights=musique_only, world=world)
     mix = PretrainingMix(prompt_tokenizer, [], 192, 8, 0, weights=musique_only, world=world)
     assert all(len(mix[i]["input_ids"]) <= 192 for i in range(8))
@@ -582,7 +582,8 @@ def test_an_interrupted_pretraining_resumes_from_its_checkpoint(tmp_path, monkey
 
     monkeypatch.setattr(pretrain_module, "SHIPPED", tmp_path / "no-shipped-base")
     monkeypatch.setattr(pretrain_module, "CHECKPOINT_STEPS", 4)
-    spec = dataclasses.replace(TINY, steps=8, phase1_steps=2, ramp_steps=2)
+    # past phase 1 and the ramp, at 64 tokens: copy, lookup and QA (no task drill fits in 64)
+    spec = dataclasses.replace(TINY, steps=8, phase1_steps=2, ramp_steps=2, mix=(0.6, 0.1, 0.0, 0.0, 0.0, 0.3))
     whole = ensure_base_model(spec, cache_dir=tmp_path / "whole", progress=False)
 
     class Kill(TrainerCallback):
@@ -704,6 +705,7 @@ def test_rope_jitter_trains_at_raised_bases_after_phase_one_and_restores_the_bas
 
     from transformers import LlamaForCausalLM
 
+    # rope_jitter_from None: jitter from the end of phase 1 (the shipped recipe starts it at step 5600)
     spec = MiniatureSpec(**{**TINY.__dict__, "phase1_steps": 3, "rope_jitter": 8.0, "rope_jitter_from": None})
     model = LlamaForCausalLM(pretrain_module.llama_config(spec, tokenizer))
     jitter = pretrain_module.rope_jitter_callback(spec)

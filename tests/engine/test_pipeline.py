@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -130,6 +131,14 @@ def test_named_limited_variants_flow_into_the_recall_table(finished_run):
     assert all(f"| {v} |" in table1 for v in LIMITED)
 
 
+def copied_run(finished_run, tmp_path) -> tuple[Path, Path]:
+    """A copy of the finished run to change without touching the module's run."""
+    path, run_dir, _ = finished_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    return path, copy
+
+
 def test_rerun_runs_nothing_and_plan_says_done(finished_run):
     path, run_dir, _ = finished_run
     before = manifest_times(run_dir)
@@ -140,11 +149,11 @@ def test_rerun_runs_nothing_and_plan_says_done(finished_run):
     assert after == before
 
 
-def test_changing_one_variant_reruns_only_what_depends_on_it(finished_run):
-    path, run_dir, _ = finished_run
+def test_changing_one_variant_reruns_only_what_depends_on_it(finished_run, tmp_path):
+    path, run_dir = copied_run(finished_run, tmp_path)  # the module's run stays as it finished
     before = manifest_times(run_dir)
     adapters = {v: (run_dir / "models/mdqa" / v / "adapter_model.safetensors").read_bytes() for v in ("real", "hl")}
-    exp = load_experiment(path, overrides=["tasks.mdqa.variant_options.hl.filler=The sky is blue."])
+    exp = load_experiment(path, overrides=[f"run_dir={run_dir}", "tasks.mdqa.variant_options.hl.filler=The sky is blue."])
     run_experiment(exp)
     after = manifest_times(run_dir)
     rerun = {k for k in after if after[k] != before.get(k)}
@@ -179,7 +188,6 @@ def test_killed_driver_resumes_to_the_same_results(finished_run, tmp_path):
     assert finished.returncode == 0, finished.stderr[-3000:]
     after = manifest_times(run_dir)
     assert all(after[k] == times[k] for k in done_before)  # finished work was skipped
-    # (the reference's hl variant was changed by the test above; real and base were not)
     for rel in ("eval/mdqa/real/real/predictions.parquet", "eval/mdqa/real/own/head_scores.parquet",
                 "eval/mdqa/base/real/predictions.parquet", "knockout/mdqa/real/knockout.parquet"):
         got, want = pq.read_table(run_dir / rel), pq.read_table(reference_dir / rel)
@@ -242,16 +250,6 @@ def test_heads_cli_exports_compares_and_measures_the_run(finished_run, tmp_path,
 
     assert main(["heads", "compare", str(tmp_path / "nowhere.json"), str(real_dir)]) == 2
     assert "nowhere.json: no such head-score file" in capsys.readouterr().err
-
-
-def copied_run(finished_run, tmp_path) -> tuple[Path, Path]:
-    """A copy of the finished run to change without touching the module's run."""
-    import shutil
-
-    path, run_dir, _ = finished_run
-    copy = tmp_path / "copy"
-    shutil.copytree(run_dir, copy)
-    return path, copy
 
 
 def test_knockout_and_patching_take_heads_from_a_published_list(finished_run, tmp_path):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from eval_data import FlakyWorker
 
-from engine.pool import ACTOR_PREFIX, PoolConfig, PoolError, WorkItem, run_pool
+from engine.config import EvaluateConfig
+from engine.pool import ACTOR_PREFIX, PoolError, WorkItem, run_pool
 
 
 def items(*names: str) -> list[WorkItem]:
@@ -20,7 +21,7 @@ def test_hung_item_times_out_and_reports_once(tmp_path, ray_cluster):
         results[item.key] = value
 
     work = items("a0", "a1", "hang", "a2", "a3")
-    stats = run_pool(FlakyWorker, {"marks": str(tmp_path)}, work, PoolConfig(num_actors=2, timeout_s=4),
+    stats = run_pool(FlakyWorker, {"marks": str(tmp_path)}, work, EvaluateConfig(num_actors=2, timeout_s=4),
                      on_result, show_progress=False)
     assert results == {item.key: item.payload[1] ** 2 for item in work}
     assert stats.retries == {"hang": 1} and "timed out" in stats.failures[0]
@@ -28,7 +29,7 @@ def test_hung_item_times_out_and_reports_once(tmp_path, ray_cluster):
 
 
 def test_retries_are_bounded_and_fatal_errors_are_not_retried(tmp_path, ray_cluster):
-    config = PoolConfig(num_actors=1, max_retries=2, timeout_s=60)
+    config = EvaluateConfig(num_actors=1, max_retries=2, timeout_s=60)
     with pytest.raises(PoolError, match="bad failed 3 time"):
         run_pool(FlakyWorker, {"marks": str(tmp_path)}, items("bad"), config, lambda i, v: None, show_progress=False)
     with pytest.raises(KeyError, match="fatal: bad input"):

@@ -21,7 +21,8 @@ ROOT = Path(__file__).parents[2]
 POOL_SCRIPT = textwrap.dedent("""
     import sys, time
     import ray
-    from engine.pool import PoolConfig, WorkItem, run_pool
+    from engine.config import EvaluateConfig
+    from engine.pool import WorkItem, run_pool
 
     class Slow:
         def ready(self):
@@ -33,7 +34,7 @@ POOL_SCRIPT = textwrap.dedent("""
 
     ray.init(address=sys.argv[1], log_to_driver=False)
     items = [WorkItem(key=str(i), affinity="m", payload=(i,), size=1) for i in range(8)]
-    run_pool(Slow, {}, items, PoolConfig(num_actors=1), lambda item, value: None, description="toy 8 item(s)")
+    run_pool(Slow, {}, items, EvaluateConfig(num_actors=1), lambda item, value: None, description="toy 8 item(s)")
     print("finished", flush=True)
 """)
 

@@ -16,7 +16,7 @@ import torch
 
 from engine.chat import render_completion, render_prompt
 from engine.decode import ScoreSpans, eos_token_ids, greedy_decode, token_spans
-from engine.heads import score_table
+from engine.head_scores import score_table
 from engine.models import load_model, load_tokenizer
 from tasks import mdqa, needle
 
@@ -176,6 +176,19 @@ def test_inline_scores_equal_an_eager_reference(checkpoint, model, tok):
                     by_hand[layer, head] = max(by_hand[layer, head], len(hit) / (end - start))
         np.testing.assert_array_equal(out.retrieval, by_hand)
         assert 5 <= int((out.retrieval > 0).sum()) <= 60  # a minority of the 270 heads retrieves
+
+
+def test_scoring_never_changes_what_the_real_model_decodes(model, tok):
+    from engine.heads import Knockout
+
+    examples, spans = pass_keys(tok, 4, 400, "eval")
+    prompts = [e.prompt for e in examples]
+    for intervention in (None, Knockout(((0, 0), (5, 3), (20, 8)))):
+        kw = dict(max_new_tokens=16, batch_size=2, chat_template=True, intervention=intervention)
+        plain = greedy_decode(model, tok, prompts, **kw)
+        scored = greedy_decode(model, tok, prompts, spans=spans, **kw)
+        assert [p.token_ids for p in plain] == [s.token_ids for s in scored]
+        assert all(e.meta["key"] in p.text for e, p in zip(examples, plain))  # it retrieves: real decodes
 
 
 def test_knockout_of_retrieval_heads_breaks_pass_key_retrieval(model, tok):

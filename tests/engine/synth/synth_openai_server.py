@@ -13,12 +13,13 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from engine.config import ModelConfig
 from engine.synth.hf import HFGenerator
 
 
 class ChatServer:
     def __init__(self, model_path: str, fail_first: int = 0, delay_s: float = 0.0):
-        self.generator = HFGenerator(model_path, max_tokens=16, temperature=0.0, top_p=1.0)
+        self.generator = HFGenerator(ModelConfig("tiny", model_path), max_tokens=16, temperature=0.0, top_p=1.0)
         self.model_path = model_path
         self.fail_first = fail_first
         self.delay_s = delay_s

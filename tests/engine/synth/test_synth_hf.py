@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from engine.synth import SynthConfig, Synthesizer, make_request
+from engine.config import ModelConfig
 from engine.synth.hf import HFBackend, HFGenerator
 from engine.synth.prompts import build_chat
 from engine.synth.synthesizer import attempt_seed
@@ -75,7 +76,7 @@ def test_hf_generator_sampling_follows_each_rows_seed(tiny_llama):
     # the actor class is plain Python: sampling is checked without Ray
     chats = [[{"role": "user", "content": "Say something."}]] * 2 + [[{"role": "user", "content": "Other."}]]
     seeds = [5, 6, 5]
-    generator = HFGenerator(tiny_llama, max_tokens=6, temperature=1.0, top_p=1.0)
+    generator = HFGenerator(ModelConfig("tiny", tiny_llama), max_tokens=6, temperature=1.0, top_p=1.0)
     texts = generator.generate(chats, seeds)
     assert texts == reference(tiny_llama, chats, 6, seeds=seeds, temperature=1.0)
     assert texts[0] != texts[1]  # same prompt, different seeds
@@ -135,7 +136,7 @@ def test_hf_generator_loads_safetensors_only(tmp_path):
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
     char_tokenizer().save_pretrained(tmp_path)
     with pytest.raises(OSError, match="safetensors"):
-        HFGenerator(str(tmp_path), max_tokens=4, temperature=0.0, top_p=1.0)
+        HFGenerator(ModelConfig("pickled", str(tmp_path)), max_tokens=4, temperature=0.0, top_p=1.0)
 
 
 @pytest.mark.slow
@@ -157,7 +158,8 @@ def test_real_llm_writes_needles_through_ray_actors_validated_and_cached(ray_clu
     texts = run_with_timeout(lambda: synth.generate(reqs), seconds=1800)
 
     # reference: the same greedy generation in this process, validated by the kind's check
-    direct = HFGenerator(resolve_model("smollm2-135m-instruct"), max_tokens=120, temperature=0, top_p=1.0)
+    direct = HFGenerator(ModelConfig("smollm2", resolve_model("smollm2-135m-instruct")), max_tokens=120, temperature=0,
+                         top_p=1.0)
     verdicts = [check(r, raw) for r, raw in zip(reqs, direct.generate([build_chat(r) for r in reqs], [0, 1]))]
     assert texts == [v.text if v.ok else r.template for v, r in zip(verdicts, reqs)]
     # Greedy SmolLM2-135M fails the paragraph check on these requests (measured: 0 of 2 valid), so

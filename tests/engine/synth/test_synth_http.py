@@ -19,9 +19,10 @@ def tiny_llama(tmp_path_factory):
 
 def direct(model_path, chats, max_tokens):
     """Reference: the same generator called in-process, one chat at a time."""
+    from engine.config import ModelConfig
     from engine.synth.hf import HFGenerator
 
-    g = HFGenerator(model_path, max_tokens=max_tokens, temperature=0.0, top_p=1.0)
+    g = HFGenerator(ModelConfig("tiny", model_path), max_tokens=max_tokens, temperature=0.0, top_p=1.0)
     return [g.generate([c], [0])[0] for c in chats]
 
 
