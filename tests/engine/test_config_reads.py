@@ -42,6 +42,7 @@ from engine.train_worker import train_loop_per_worker
 
 sys.path.insert(0, str(Path(__file__).parent / "synth"))
 from synth_openai_server import ChatServer  # noqa: E402
+from tiny import TINY_MINIATURE  # noqa: E402
 
 ROOT = Path(__file__).parents[2]
 CLASSES = (Experiment, ModelConfig, TaskConfig, TrainConfig, EvaluateConfig, ScoringConfig, KnockoutConfig,
@@ -55,9 +56,7 @@ EXPERIMENT = """
 name: reads
 run_dir: {run_dir}
 model: {{name: mini, path: miniature, rope_base: 40000, max_context: 512, dtype: float32}}
-miniature: {{n_layers: 1, n_heads: 4, n_kv_heads: 2, hidden: 32, intermediate: 64, context: 64, steps: 3,
-            batch_size: 4, warmup_steps: 1, qa_per_task: 3, min_accuracy: 0.0, check_probes: 4, threads: 1,
-            on_failed_check: warn}}
+""" + TINY_MINIATURE + """
 tasks:
   mdqa:
     variants: [real, real_limited, hl, base]
