@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from analyses.head_examples import ExamplesError, example_scores
 from analyses.overlap import REFERENCE, _reference_label
+from engine import layout
 from engine.stats import Interval, column_intervals, mean_interval, proportion_interval
 from engine.store import write_parquet
 
@@ -72,11 +73,11 @@ def task_intervals(run_dir: Path, task: str, labels: Sequence[str], kind: str,
     heads, metrics = [], []
     grids: dict[str, np.ndarray] = {}
     for v in labels:
-        preds = run_dir / "eval" / task / v / "real" / "predictions.parquet"
+        preds = layout.predictions(run_dir, task, v)
         if preds.is_file():
             metrics.append(_metric_row(v, "f1", f1_interval(preds)))
         try:
-            grids[v] = example_scores(run_dir / "eval" / task / v / "own" / "head_examples.parquet", kind)
+            grids[v] = example_scores(layout.head_examples(run_dir, task, v), kind)
         except ExamplesError:
             continue
         n_layers, n_heads = grids[v].shape[1:]
@@ -98,8 +99,8 @@ def run_intervals(run_dir: str | Path, tasks: Sequence[str], variants: Mapping[s
     for task in tasks:
         heads, metrics = task_intervals(run_dir, task, variants[task], kind_by_task[task], reference)
         written[task] = {
-            "head_intervals": write_parquet(heads, run_dir / "overlap" / task / "head_intervals.parquet"),
-            "intervals": write_parquet(metrics, run_dir / "overlap" / task / "intervals.parquet"),
+            "head_intervals": write_parquet(heads, layout.overlap(run_dir, task) / "head_intervals.parquet"),
+            "intervals": write_parquet(metrics, layout.overlap(run_dir, task) / "intervals.parquet"),
         }
     return written
 

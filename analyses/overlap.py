@@ -28,11 +28,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from engine import layout
 from engine.config import label_variant
 from engine.stats import spearman_permutation
 from engine.store import atomic_dir, write_parquet
+from tasks import PAPER_TASKS, head_kind
 
-KIND_BY_TASK = {"mdqa": "retrieval", "musique": "retrieval", "summhay": "insight"}
+KIND_BY_TASK = {name: head_kind(name) for name in PAPER_TASKS}  # as each task module states it
 HEAD_SCORE_COLUMNS = ("layer", "head", "kind", "score", "n_examples")
 REFERENCE = "real"
 # The reference is trivially perfect against itself (its other seeds nearly so) and `base`
@@ -304,7 +306,7 @@ def run_overlap(
         OverlapError: a missing or malformed input, named by path.
     """
     run_dir = Path(run_dir)
-    final = run_dir / "overlap"
+    final = layout.overlap(run_dir)
     with atomic_dir(final) as out:  # every table of one run of the analysis, or none
         return _write_overlap(run_dir, out, final, tasks, variants, kind_by_task, reference)
 
@@ -321,8 +323,8 @@ def _write_overlap(run_dir: Path, out: Path, final: Path, tasks, variants, kind_
         kind = kind_by_task[task]
         scores, f1, n_eval = {}, {}, {}
         for v in labels:
-            scores[v] = read_head_scores(run_dir / "eval" / task / v / "own" / "head_scores.parquet", kind)
-            f1[v], n_eval[v] = mean_f1(run_dir / "eval" / task / v / "real" / "predictions.parquet")
+            scores[v] = read_head_scores(layout.head_scores(run_dir, task, v), kind)
+            f1[v], n_eval[v] = mean_f1(layout.predictions(run_dir, task, v))
         tables, grids_by_task[task] = task_overlap(scores, f1, kind, n_eval, reference)
         written[task] = {}
         for name, table in tables.items():

@@ -38,6 +38,7 @@ from scipy import stats as sp
 
 from analyses.overlap import cosine_similarity, head_recall, head_set, read_head_scores, score_grid
 from engine import config as cfg
+from engine import layout
 from engine.stats import Interval, RankCorrelation, bootstrap_interval, spearman_permutation
 from engine.store import RunStore, read_parquet, write_json, write_parquet
 
@@ -95,7 +96,7 @@ def full_steps(experiment: cfg.Experiment, store: RunStore, run: cfg.Run) -> int
     train = cfg.train_config(experiment, run)
     if train.max_steps > 0:
         return train.max_steps
-    path = store.path("data", run.task, run.variant, "train.parquet")
+    path = layout.data(store.root, run.task, run.variant) / "train.parquet"
     if not path.is_file():
         return None
     rows = read_parquet(path).num_rows
@@ -154,7 +155,7 @@ def run_probe(experiment: cfg.Experiment, budgets: Sequence[int], variants: Sequ
     for p in probes:
         key, digest = f"probe/train/{p.key}", probe_hash(experiment, p)
         if not store.is_done(key, digest):
-            out = store.path("probe", "models", p.run.task, p.run.label, f"steps{p.steps}")
+            out = layout.probe_model(store.root, p.run.task, p.run.label, p.steps)
             specs.append(pl.train_spec(experiment, store, p.run, base_model, name=f"probe/{p.key}", out_dir=out,
                                        max_steps=p.steps, save_steps=p.steps))
             trained.append((key, digest, out))
@@ -170,11 +171,10 @@ def run_probe(experiment: cfg.Experiment, budgets: Sequence[int], variants: Sequ
         if store.is_done(key, digest):
             continue
         ref = dataclasses.replace(pl.model_ref(experiment, store, p.run, base_model),
-                                  adapter_dir=str(store.path("probe", "models", p.run.task, p.run.label,
-                                                             f"steps{p.steps}")))
-        out = probe_eval_dir(store.root, p.run.task, p.run.label, p.steps)
+                                  adapter_dir=str(layout.probe_model(store.root, p.run.task, p.run.label, p.steps)))
+        out = layout.probe_evaluation(store.root, p.run.task, p.run.label, p.steps)
         jobs.append(pl.eval_job(experiment, f"probe/{p.key}", ref, p.run.task,
-                                pl.data_dir(store, cfg.Run(p.run.task, REFERENCE, 0)) / "val.parquet", out))
+                                layout.data(store.root, p.run.task, REFERENCE) / "val.parquet", out))
         scored.append((key, digest, out))
     if jobs:
         pl.console.print(f"[bold]probe[/] scoring {len(jobs)} short tune(s) on the real validation data")
@@ -186,16 +186,12 @@ def run_probe(experiment: cfg.Experiment, budgets: Sequence[int], variants: Sequ
     fractions = {(r.task, r.label): full_steps(experiment, store, r) for r in runs}
     table = probe_table(store.root, [(p.run.task, p.run.label, p.steps) for p in probes], kinds, fractions,
                         {r.task: r.label for r in references})
-    path = write_parquet(table, store.path("probe", "probe.parquet"))
-    write_parquet(correlation_table(table.to_pylist()), store.path("probe", "correlation.parquet"))
+    path = write_parquet(table, layout.probe(store.root) / "probe.parquet")
+    write_parquet(correlation_table(table.to_pylist()), layout.probe(store.root) / "correlation.parquet")
     write_json({"budgets": budgets, "candidates": sorted({f"{r.task}/{r.label}" for r in runs}),
                 "provenance": provenance(seeds={"experiment": list(experiment.seeds), "bootstrap": 0})},
-               store.path("probe", "probe.json"))
+               layout.probe(store.root) / "probe.json")
     return path
-
-
-def probe_eval_dir(run_dir: Path, task: str, label: str, steps: int) -> Path:
-    return Path(run_dir) / "probe" / "eval" / task / label / f"steps{steps}"
 
 
 def probe_table(run_dir: Path, probes: Sequence[tuple[str, str, int]], kinds: Mapping[str, str],
@@ -218,12 +214,12 @@ def probe_table(run_dir: Path, probes: Sequence[tuple[str, str, int]], kinds: Ma
     for task, label, steps in probes:
         kind = kinds[task]
         reference = (references or {}).get(task, REFERENCE)
-        real = read_head_scores(run_dir / "eval" / task / reference / "own" / "head_scores.parquet", kind)
-        probe_dir = probe_eval_dir(run_dir, task, label, steps)
+        real = read_head_scores(layout.head_scores(run_dir, task, reference), kind)
+        probe_dir = layout.probe_evaluation(run_dir, task, label, steps)
         probe = read_head_scores(probe_dir / "head_scores.parquet", kind)
         shape = (1 + max(h[0] for h in real), 1 + max(h[1] for h in real))
         h_real, h_probe = head_set(real), head_set(probe)
-        full_preds = run_dir / "eval" / task / label / "real" / "predictions.parquet"
+        full_preds = layout.predictions(run_dir, task, label)
         total = (full or {}).get((task, label))
         rows.append({"task": task, "steps": steps, "variant": label, "recall": head_recall(h_probe, h_real),
                      "cosine": cosine_similarity(score_grid(probe, shape), score_grid(real, shape)),

@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from analyses.head_examples import ExamplesError, example_scores
+from engine import layout
 from engine.store import write_parquet
 
 DRAWS = 200
@@ -104,11 +105,11 @@ def run_stability(run_dir: str | Path, tasks: Sequence[str], variants: Mapping[s
         rows = []
         for v in variants[task]:
             try:
-                scores = example_scores(run_dir / "eval" / task / v / "own" / "head_examples.parquet",
+                scores = example_scores(layout.head_examples(run_dir, task, v),
                                         kind_by_task[task])
             except ExamplesError:
                 continue
             rows += [{"variant": v, **r} for r in stability_curve(scores, draws=draws, threshold=threshold, seed=seed)]
         written[task] = write_parquet(pa.Table.from_pylist(rows, schema=SCHEMA),
-                                      run_dir / "overlap" / task / "stability.parquet")
+                                      layout.overlap(run_dir, task) / "stability.parquet")
     return written

@@ -27,6 +27,7 @@ import pyarrow as pa
 
 from analyses.head_examples import ExamplesError, step_hits
 from analyses.stability import jaccard
+from engine import layout
 from engine.store import write_parquet
 
 SCHEMA = pa.schema([("variant", pa.string()), ("step", pa.int64()), ("n_examples", pa.int64()),
@@ -60,10 +61,10 @@ def run_steps(run_dir: str | Path, tasks: Sequence[str], variants: Mapping[str, 
         rows = []
         for v in variants[task]:
             try:
-                hits = step_hits(run_dir / "eval" / task / v / "own" / "head_examples.parquet", kind_by_task[task])
+                hits = step_hits(layout.head_examples(run_dir, task, v), kind_by_task[task])
             except ExamplesError:
                 continue
             rows += [{"variant": v, **r} for r in step_sets(hits)]
         written[task] = write_parquet(pa.Table.from_pylist(rows, schema=SCHEMA),
-                                      run_dir / "overlap" / task / "steps.parquet")
+                                      layout.overlap(run_dir, task) / "steps.parquet")
     return written

@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from engine import layout
 from engine.config import label_variant, variant_kind
+from tasks import TASKS, VARIANT_ORDER, head_kind
 
-TASK_ORDER = ("mdqa", "musique", "summhay")
-VARIANT_ORDER = ("real", "real_limited", "hh", "hl", "lh", "ll", "symbolic", "base")
+TASK_ORDER = tuple(TASKS)  # the paper's three tasks in its order, then the registry's others
 SYNTHETIC = ("hh", "hl", "lh", "ll", "symbolic")
 PATCH_SETS = ("none", "inter", "compl", "random")
 NOT_RUN = "_not run_"
@@ -83,9 +84,9 @@ def patching_summary(rows: list[dict]) -> dict[str, dict[str, float]]:
 
 
 def task_grids(run: Path, task: str) -> tuple[str, dict[str, np.ndarray]]:
-    counts = read(run / "overlap" / task / "counts.parquet") or []
+    counts = read(layout.overlap(run, task) / "counts.parquet") or []
     kind = counts[0]["kind"] if counts else default_head_kind(task)
-    tables = {v: read(run / "eval" / task / v / "own" / "head_scores.parquet") for v in variants(run, [task])}
+    tables = {v: read(layout.head_scores(run, task, v)) for v in variants(run, [task])}
     tables = {v: [r for r in t if r["kind"] == kind] for v, t in tables.items() if t}
     tables = {v: t for v, t in tables.items() if t}
     if not tables:
@@ -103,7 +104,7 @@ def task_grids(run: Path, task: str) -> tuple[str, dict[str, np.ndarray]]:
 def example_f1(run: Path, task: str, variant: str) -> dict[str, float] | None:
     """F1 per example id of `variant` on the real task's evaluation set (every model is
     evaluated on the same set, so two of these pair by id)."""
-    rows = read(run / "eval" / task / variant / "real" / "predictions.parquet")
+    rows = read(layout.predictions(run, task, variant))
     return None if rows is None else {r["id"]: float(r["f1"]) for r in rows}
 
 
@@ -114,7 +115,7 @@ def paired(*by_id: dict[str, float]) -> list[np.ndarray]:
 
 
 def f1(run: Path, task: str, variant: str) -> float:
-    rows = read(run / "eval" / task / variant / "real" / "predictions.parquet")
+    rows = read(layout.predictions(run, task, variant))
     return float(np.mean([r["f1"] for r in rows])) if rows else math.nan
 
 
@@ -126,16 +127,13 @@ def tasks(run: Path) -> list[str]:
 
 
 def variants(run: Path, tasks: list[str]) -> list[str]:
-    return ordered_names({v for t in tasks for v in subdirs(run / "eval" / t)})
+    return ordered_names({v for t in tasks for v in subdirs(layout.evaluated_labels(run, t))})
 
 
 def default_head_kind(task: str) -> str:
     """The head score a task's H_X is defined by, as the task module states it (`HEAD_KIND`);
     "retrieval" for a task the registry does not know."""
-    from tasks import TASKS
-
-    module = TASKS.get(task)
-    return module.HEAD_KIND if module is not None else "retrieval"
+    return head_kind(task)
 
 
 def base(label: str) -> str:

@@ -19,6 +19,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from engine import layout
+
 console = Console()
 
 
@@ -110,8 +112,7 @@ def _run_heads(run_dir: Path, task: str | None) -> tuple[list[str], dict[str, li
     tasks = [t for t in a.tasks(run_dir) if task is None or t == task]
     if not tasks:
         raise ExamplesError(f"{run_dir}: no evaluated task{' ' + task if task else ''}")
-    variants = {t: [v for v in a.variants(run_dir, [t]) if (run_dir / "eval" / t / v / "own" /
-                                                           "head_examples.parquet").is_file()] for t in tasks}
+    variants = {t: [v for v in a.variants(run_dir, [t]) if layout.head_examples(run_dir, t, v).is_file()] for t in tasks}
     kinds = {t: a.task_grids(run_dir, t)[0] for t in tasks}
     for t in tasks:
         if not variants[t]:
@@ -127,9 +128,9 @@ def cmd_stability(args) -> int:
     run_dir = Path(args.run_dir)
     tasks, variants, kinds = _run_heads(run_dir, args.task)
     run_stability(run_dir, tasks, variants, kinds, draws=args.draws, threshold=args.threshold)
-    stability_md(run_dir, tasks, run_dir / "report" / "figures")
+    stability_md(run_dir, tasks, layout.report(run_dir) / "figures")
     for task in tasks:
-        rows = a.read(run_dir / "overlap" / task / "stability.parquet") or []
+        rows = a.read(layout.overlap(run_dir, task) / "stability.parquet") or []
         table = Table(title=f"{task}: Jaccard of H_X(n) with H_X(all), {args.draws} random subsets per n "
                             f"(figure: {run_dir / 'report' / 'figures' / f'stability_{task}.png'})")
         for col in ("variant", "n", "mean Jaccard", "2.5-97.5%", "mean |H_X(n)|", "|H_X(all)|"):
@@ -155,9 +156,9 @@ def cmd_steps(args) -> int:
     run_dir = Path(args.run_dir)
     tasks, variants, kinds = _run_heads(run_dir, args.task)
     run_steps(run_dir, tasks, variants, kinds)
-    steps_md(run_dir, tasks, run_dir / "report" / "figures")
+    steps_md(run_dir, tasks, layout.report(run_dir) / "figures")
     for task in tasks:
-        rows = a.read(run_dir / "overlap" / task / "steps.parquet") or []
+        rows = a.read(layout.overlap(run_dir, task) / "steps.parquet") or []
         table = Table(title=f"{task}: heads active at each decoding step ({kinds[task]} events)")
         for col in ("variant", "step", "examples", "|H(t)|", "|H_X|", "coverage of H_X", "one example's step"):
             table.add_column(col, justify="right")

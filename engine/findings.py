@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from engine import artifacts as a
+from engine import layout
 from engine.stats import Interval, benjamini_hochberg, paired_difference, paired_p_value
 
 # Finding 3: the two-sided permutation p-value a rank correlation must beat.
@@ -156,8 +157,8 @@ def knockout_tests(rows: list[dict]) -> list[dict]:
 def _finding_knockout(run: Path, tasks: list[str]) -> dict:
     details = []
     for task in tasks:
-        for variant in a.subdirs(run / "knockout" / task):
-            rows = a.read(run / "knockout" / task / variant / "knockout.parquet") or []
+        for variant in a.subdirs(layout.knockout(run, task)):
+            rows = a.read(layout.knockout(run, task, variant) / "knockout.parquet") or []
             tests = knockout_tests(rows)
             if not tests:
                 continue
@@ -188,7 +189,7 @@ def _finding_knockout(run: Path, tasks: list[str]) -> dict:
 def _finding_spearman(run: Path, tasks: list[str]) -> dict:
     details = []
     for task in tasks:
-        rows = {r["metric"]: r for r in a.read(run / "overlap" / task / "spearman.parquet") or []}
+        rows = {r["metric"]: r for r in a.read(layout.overlap(run, task) / "spearman.parquet") or []}
         r = rows.get("recall_vs_real")
         if r is None:
             continue
@@ -218,8 +219,8 @@ def _finding_patching(run: Path, tasks: list[str]) -> dict:
     details = []
     for task in tasks:
         by_variant = {}
-        for v in a.subdirs(run / "patching" / task):
-            rows = a.read(run / "patching" / task / v / "patching.parquet") or []
+        for v in a.subdirs(layout.patching(run, task)):
+            rows = a.read(layout.patching(run, task, v) / "patching.parquet") or []
             if a.base(v) in a.SYNTHETIC and any(r["set"] == "none" for r in rows):
                 by_variant[v] = rows
         ranked = sorted(by_variant, key=lambda v: a.patching_summary(by_variant[v])["none"]["f1"])

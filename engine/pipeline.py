@@ -23,7 +23,9 @@ from typing import Sequence
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+import tasks
 from engine import config as cfg
+from engine import layout
 from engine.config import Experiment, Run
 from engine.eval_jobs import EvalJob, ModelRef
 from engine.progress import heartbeat, plain_lines
@@ -33,24 +35,101 @@ from engine.train_spec import TrainSpec
 console = Console(stderr=True)
 
 
-# ----------------------------------------------------------------------------- paths
+# ----------------------------------------------------------------------------- recipe
 
 
-def data_dir(store: RunStore, run: Run) -> Path:
-    return store.path("data", run.task, "real" if run.variant == "base" else run.variant)
+def init_ray() -> None:
+    """Joins the cluster of `ray job submit` (RAY_ADDRESS) or starts a local one."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False,
+                 include_dashboard=False if not os.environ.get("RAY_ADDRESS") else None)
+
+
+def run_experiment(experiment: Experiment, stages: Sequence[str] = cfg.STAGES) -> Path:
+    store = RunStore(experiment.resolved_run_dir())
+    resolved = cfg.to_dict(experiment)
+    store.check_config(resolved, experiment.name)  # before anything is written
+    runs = cfg.expand(experiment)
+    started = time.perf_counter()
+    with heartbeat(console, "base_model"):  # pretraining the miniature can take minutes
+        base_model = base_model_path(experiment)
+    check_position_limit(experiment, base_model)
+    store.save_config(resolved, experiment.name)
+    clear_stale_temps(store.root)  # what killed runs left behind
+    provenance = run_provenance(experiment)  # git and package queries: once per invocation
+    write_json(provenance, store.path("provenance.json"))
+    timer = StageTimer(store, provenance)
+    timer.record("base_model", time.perf_counter() - started)
+    if experiment.model.path == "miniature":
+        meta = Path(base_model) / "miniature.json"
+        write_json(read_json(meta), store.path("base_model.json"))
+    init_ray()
+    steps = {"data": build_data, "train": train_models, "evaluate": evaluate_models,
+             "knockout": run_knockouts, "patching": run_patchings}
+    for stage, step in steps.items():
+        if stage in stages:
+            with timer(stage):
+                step(experiment, store, runs, base_model)
+    if "report" in stages:
+        with timer("report"):
+            report = write_reports(experiment, store, runs)
+        write_json({"report": str(report)}, store.path("report", "latest.json"))
+        return report
+    return store.root
+
+
+# ----------------------------------------------------------------------------- the stages' cells
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One output of a stage for one run: its manifest key, the hash of everything it depends
+    on, and where it is written (engine/layout.py). `run` and `plan` both read cells from the
+    functions below, so what is skipped and what `plan` calls done cannot disagree."""
+
+    stage: str
+    key: str
+    digest: str
+    out: Path
+
+
+def data_cell(experiment: Experiment, store: RunStore, run: Run) -> Cell:
+    return Cell("data", layout.data_key(run.task, run.variant), cfg.data_hash(experiment, run),
+                layout.data(store.root, run.task, run.variant))
+
+
+def train_cell(experiment: Experiment, store: RunStore, run: Run) -> Cell | None:
+    if not run.fine_tuned:
+        return None
+    return Cell("train", layout.train_key(run.task, run.label), cfg.train_hash(experiment, run),
+                layout.model(store.root, run.task, run.label))
+
+
+def eval_cell(experiment: Experiment, store: RunStore, run: Run, split: str) -> Cell:
+    return Cell(f"evaluate:{split}", layout.eval_key(run.task, run.label, split), cfg.eval_hash(experiment, run, split),
+                layout.evaluation(store.root, run.task, run.label, split))
+
+
+def knockout_cell(experiment: Experiment, store: RunStore, run: Run) -> Cell | None:
+    k = experiment.knockout
+    if not k.enabled or run.variant not in k.variants:
+        return None
+    return Cell("knockout", layout.knockout_key(run.task, run.label), knockout_hash(experiment, run),
+                layout.knockout(store.root, run.task, run.label))
+
+
+def patching_cell(experiment: Experiment, store: RunStore, runs: Sequence[Run], run: Run) -> Cell | None:
+    source = patch_source(experiment, runs, run) if experiment.patching.enabled else None
+    if source is None:
+        return None
+    return Cell("patching", layout.patching_key(run.task, run.label), patching_hash(experiment, run, source),
+                layout.patching(store.root, run.task, run.label))
 
 
 def model_dir(store: RunStore, run: Run) -> Path | None:
-    return store.path("models", run.task, run.label) if run.fine_tuned else None
-
-
-def real_eval_path(store: RunStore, task: str) -> Path:
-    """The real task's evaluation set, shared by every variant of the task and by `base`."""
-    return store.path("data", task, "real", "eval.parquet")
-
-
-def eval_dir(store: RunStore, run: Run, split: str) -> Path:
-    return store.path("eval", run.task, run.label, split)
+    return layout.model(store.root, run.task, run.label) if run.fine_tuned else None
 
 
 def base_model_path(experiment: Experiment, show_progress: bool = True) -> str:
@@ -67,10 +146,16 @@ def base_model_path(experiment: Experiment, show_progress: bool = True) -> str:
     return str(ensure_base_model(experiment.miniature, progress=show_progress))
 
 
-def require_done(store: RunStore, key: str, digest: str, stage: str, upstream: str) -> None:
+def done(store: RunStore, cell: Cell) -> bool:
+    """Whether the manifest records `cell` as finished from the same inputs."""
+    return store.is_done(cell.key, cell.digest)
+
+
+def require_done(store: RunStore, cell: Cell, stage: str) -> None:
     """Refuses to run `stage` on an input another configuration (or nothing) produced."""
-    if not store.is_done(key, digest):
-        raise StoreError(f"{stage}: {store.root} has no {key} for this configuration; "
+    if not done(store, cell):
+        upstream = cell.stage.split(":")[0]
+        raise StoreError(f"{stage}: {store.root} has no {cell.key} for this configuration; "
                          f"run the {upstream} stage first (--stages {upstream},{stage})")
 
 
@@ -102,9 +187,8 @@ def resolved_model(experiment: Experiment, base_model: str) -> cfg.ModelConfig:
 
 
 def head_kind(experiment: Experiment, task: str) -> str:
-    from tasks import get_task
-
-    return experiment.task(task).head_kind or getattr(get_task(task), "HEAD_KIND", "retrieval")
+    """The head score that defines H_X: the experiment's `head_kind`, else the task module's."""
+    return experiment.task(task).head_kind or tasks.head_kind(task)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -120,7 +204,7 @@ def build_data(experiment: Experiment, store: RunStore, runs: Sequence[Run], bas
     for task in experiment.tasks:  # the real task's evaluation set is always needed
         todo.setdefault((task.name, "real"), Run(task.name, "real", experiment.seeds[0]))
     order = [run for _, run in sorted(todo.items(), key=lambda kv: (kv[0][0], kv[0][1] != "real", kv[0][1]))]
-    order = [run for run in order if not store.is_done(f"data/{run.task}/{run.variant}", cfg.data_hash(experiment, run))]
+    order = [run for run in order if not done(store, data_cell(experiment, store, run))]
     if not order:
         return
     tokenizer = load_tokenizer(base_model, trust_remote_code=experiment.model.trust_remote_code)
@@ -142,7 +226,8 @@ def build_variant_data(experiment: Experiment, store: RunStore, run: Run, tokeni
     task = experiment.task(run.task)
     sources = task.sources or bundled_sources(experiment, base_model).get(run.task, {})
     console.print(f"[bold]data[/] {run.task}/{run.variant}: {task.n_train} train, target {task.target_tokens} tokens")
-    out = data_dir(store, run)
+    cell = data_cell(experiment, store, run)
+    out = cell.out
     build_task_data(
         run.task,
         run.variant,
@@ -156,7 +241,7 @@ def build_variant_data(experiment: Experiment, store: RunStore, run: Run, tokeni
         out_dir=out,
         synth=synth,
     )
-    store.mark_done(f"data/{run.task}/{run.variant}", cfg.data_hash(experiment, run), out)
+    store.mark_done(cell.key, cell.digest, out)
 
 
 def bundled_sources(experiment: Experiment, base_model: str) -> dict[str, dict[str, str]]:
@@ -179,7 +264,7 @@ def train_spec(experiment: Experiment, store: RunStore, run: Run, base_model: st
     """The fine-tune of `run`: the model and train sections whole (sweep values applied);
     `changes` override train settings (the probe's short tunes set max_steps), `name` and
     `out_dir` its place."""
-    data = data_dir(store, run)
+    data = layout.data(store.root, run.task, run.variant)
     return TrainSpec(
         name=name or f"{run.task}/{run.label}",
         model=resolved_model(experiment, base_model),
@@ -194,22 +279,20 @@ def train_spec(experiment: Experiment, store: RunStore, run: Run, base_model: st
 def train_models(experiment: Experiment, store: RunStore, runs: Sequence[Run], base_model: str) -> None:
     from engine.train import train_all
 
-    specs, keys = [], []
+    specs, cells = [], []
     for run in runs:
-        if not run.fine_tuned:
+        cell = train_cell(experiment, store, run)
+        if cell is None or done(store, cell):
             continue
-        key, digest = f"train/{run.task}/{run.label}", cfg.train_hash(experiment, run)
-        if store.is_done(key, digest):
-            continue
-        require_done(store, f"data/{run.task}/{run.variant}", cfg.data_hash(experiment, run), "train", "data")
+        require_done(store, data_cell(experiment, store, run), "train")
         specs.append(train_spec(experiment, store, run, base_model))
-        keys.append((key, digest, model_dir(store, run)))
+        cells.append(cell)
     if not specs:
         return
     console.print(f"[bold]train[/] {len(specs)} variant(s): {', '.join(s.name for s in specs)}")
     train_all(specs, max_concurrent=experiment.train.max_concurrent)
-    for key, digest, out in keys:
-        store.mark_done(key, digest, out)
+    for cell in cells:
+        store.mark_done(cell.key, cell.digest, cell.out)
 
 
 def model_ref(experiment: Experiment, store: RunStore, run: Run, base_model: str) -> ModelRef:
@@ -228,94 +311,81 @@ def evaluate_models(experiment: Experiment, store: RunStore, runs: Sequence[Run]
     """Every model on the real task's evaluation set (F1) and on its own validation set (H_X)."""
     from engine.evaluate import run_jobs
 
-    jobs, keys = [], []
+    jobs, cells = [], []
     for run in runs:
-        for split in ("real", "own"):
-            key, digest = f"evaluate/{run.task}/{run.label}/{split}", cfg.eval_hash(experiment, run, split)
-            if store.is_done(key, digest):
+        for split in layout.SPLITS:
+            cell = eval_cell(experiment, store, run, split)
+            if done(store, cell):
                 continue
-            if run.fine_tuned:
-                require_done(store, f"train/{run.task}/{run.label}", cfg.train_hash(experiment, run), "evaluate",
-                             "train")
+            trained = train_cell(experiment, store, run)
+            if trained is not None:
+                require_done(store, trained, "evaluate")
             data_run = Run(run.task, "real", 0) if split == "real" or not run.fine_tuned else run
-            require_done(store, f"data/{run.task}/{data_run.variant}", cfg.data_hash(experiment, data_run),
-                         "evaluate", "data")
-            data = real_eval_path(store, run.task) if split == "real" else data_dir(store, run) / "val.parquet"
-            out = eval_dir(store, run, split)
+            require_done(store, data_cell(experiment, store, data_run), "evaluate")
+            data = (layout.real_eval(store.root, run.task) if split == "real"
+                    else layout.data(store.root, run.task, run.variant) / "val.parquet")
             jobs.append(eval_job(experiment, f"{run.task}/{run.label}/{split}",
-                                 model_ref(experiment, store, run, base_model), run.task, data, out))
-            keys.append((key, digest, out))
+                                 model_ref(experiment, store, run, base_model), run.task, data, cell.out))
+            cells.append(cell)
     if not jobs:
         return
     console.print(f"[bold]evaluate[/] {len(jobs)} job(s)")
     run_jobs(jobs)
-    for key, digest, out in keys:
-        store.mark_done(key, digest, out)
+    for cell in cells:
+        store.mark_done(cell.key, cell.digest, cell.out)
 
 
 def run_knockouts(experiment: Experiment, store: RunStore, runs: Sequence[Run], base_model: str) -> None:
     from analyses.knockout import run_knockout
 
     k = experiment.knockout
-    if not k.enabled:
-        return
     for run in runs:
-        if run.variant not in k.variants:
+        cell = knockout_cell(experiment, store, run)
+        if cell is None or done(store, cell):
             continue
-        key, digest = f"knockout/{run.task}/{run.label}", knockout_hash(experiment, run)
-        if store.is_done(key, digest):
-            continue
-        for split in ("own", "real"):
-            require_done(store, f"evaluate/{run.task}/{run.label}/{split}", cfg.eval_hash(experiment, run, split),
-                         "knockout", "evaluate")
-        out = store.path("knockout", run.task, run.label)
+        for split in layout.SPLITS:
+            require_done(store, eval_cell(experiment, store, run, split), "knockout")
         console.print(f"[bold]knockout[/] {run.task}/{run.label}: k in {list(k.ks)}, {len(k.seeds)} random seeds")
         run_knockout(
             model=model_ref(experiment, store, run, base_model),
             task=run.task,
-            head_scores=str(eval_dir(store, run, "own") / "head_scores.parquet"),
+            head_scores=str(layout.head_scores(store.root, run.task, run.label)),
             kind=head_kind(experiment, run.task),
-            data_path=str(real_eval_path(store, run.task)),
-            out_dir=str(out),
+            data_path=str(layout.real_eval(store.root, run.task)),
+            out_dir=str(cell.out),
             knockout=dataclasses.replace(k, heads_from=heads_file(k.heads_from, "knockout.heads_from")),
             evaluate=experiment.evaluate,
         )
-        store.mark_done(key, digest, out)
+        store.mark_done(cell.key, cell.digest, cell.out)
 
 
 def run_patchings(experiment: Experiment, store: RunStore, runs: Sequence[Run], base_model: str) -> None:
     from analyses.patching import run_patching
 
     p = experiment.patching
-    if not p.enabled:
-        return
     for run in runs:
+        cell = patching_cell(experiment, store, runs, run)
+        if cell is None or done(store, cell):
+            continue
         source = patch_source(experiment, runs, run)
-        if source is None:
-            continue
-        key, digest = f"patching/{run.task}/{run.label}", patching_hash(experiment, run, source)
-        if store.is_done(key, digest):
-            continue
         for r in (run, source):
-            for split in ("own", "real"):
-                require_done(store, f"evaluate/{r.task}/{r.label}/{split}", cfg.eval_hash(experiment, r, split),
-                             "patching", "evaluate")
-        out = store.path("patching", run.task, run.label)
+            for split in layout.SPLITS:
+                require_done(store, eval_cell(experiment, store, r, split), "patching")
         console.print(f"[bold]patching[/] {run.task}: {source.label} -> {run.label}")
         run_patching(
             target=model_ref(experiment, store, run, base_model),
             source=model_ref(experiment, store, source, base_model),
             task=run.task,
-            target_scores=str(eval_dir(store, run, "own") / "head_scores.parquet"),
-            source_scores=str(eval_dir(store, source, "own") / "head_scores.parquet"),
-            unpatched_predictions=str(eval_dir(store, run, "real") / "predictions.parquet"),
+            target_scores=str(layout.head_scores(store.root, run.task, run.label)),
+            source_scores=str(layout.head_scores(store.root, source.task, source.label)),
+            unpatched_predictions=str(layout.predictions(store.root, run.task, run.label)),
             kind=head_kind(experiment, run.task),
-            data_path=str(real_eval_path(store, run.task)),
-            out_dir=str(out),
+            data_path=str(layout.real_eval(store.root, run.task)),
+            out_dir=str(cell.out),
             patching=dataclasses.replace(p, heads_from=heads_file(p.heads_from, "patching.heads_from")),
             evaluate=experiment.evaluate,
         )
-        store.mark_done(key, digest, out)
+        store.mark_done(cell.key, cell.digest, cell.out)
 
 
 def heads_file(path: str | None, key: str) -> str | None:
@@ -385,51 +455,6 @@ def write_reports(experiment: Experiment, store: RunStore, runs: Sequence[Run]) 
     return write_report(store.root, config_summary=cfg.to_dict(experiment))
 
 
-# ----------------------------------------------------------------------------- recipe
-
-
-def init_ray() -> None:
-    """Joins the cluster of `ray job submit` (RAY_ADDRESS) or starts a local one."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False,
-                 include_dashboard=False if not os.environ.get("RAY_ADDRESS") else None)
-
-
-def run_experiment(experiment: Experiment, stages: Sequence[str] = cfg.STAGES) -> Path:
-    store = RunStore(experiment.resolved_run_dir())
-    resolved = cfg.to_dict(experiment)
-    store.check_config(resolved, experiment.name)  # before anything is written
-    runs = cfg.expand(experiment)
-    started = time.perf_counter()
-    with heartbeat(console, "base_model"):  # pretraining the miniature can take minutes
-        base_model = base_model_path(experiment)
-    check_position_limit(experiment, base_model)
-    store.save_config(resolved, experiment.name)
-    clear_stale_temps(store.root)  # what killed runs left behind
-    provenance = run_provenance(experiment)  # git and package queries: once per invocation
-    write_json(provenance, store.path("provenance.json"))
-    timer = StageTimer(store, provenance)
-    timer.record("base_model", time.perf_counter() - started)
-    if experiment.model.path == "miniature":
-        meta = Path(base_model) / "miniature.json"
-        write_json(read_json(meta), store.path("base_model.json"))
-    init_ray()
-    steps = {"data": build_data, "train": train_models, "evaluate": evaluate_models,
-             "knockout": run_knockouts, "patching": run_patchings}
-    for stage, step in steps.items():
-        if stage in stages:
-            with timer(stage):
-                step(experiment, store, runs, base_model)
-    if "report" in stages:
-        with timer("report"):
-            report = write_reports(experiment, store, runs)
-        write_json({"report": str(report)}, store.path("report", "latest.json"))
-        return report
-    return store.root
-
-
 def check_position_limit(experiment: Experiment, base_model: str) -> None:
     """`model.max_context` must lie within what the model can position (see `models.position_limit`)."""
     from engine.config import ConfigError
@@ -484,28 +509,20 @@ def plan(experiment: Experiment) -> list[dict]:
     store = RunStore(experiment.resolved_run_dir())
     store.check_config(cfg.to_dict(experiment), experiment.name)
     runs = cfg.expand(experiment)
-    e, k = experiment.evaluate, experiment.knockout
+    e = experiment.evaluate
     actor = f"actor({e.cpus_per_actor} CPU, {e.gpus_per_actor} GPU)"
     rows = []
     for run in runs:
         train = cfg.train_config(experiment, run)
-        checks = [("data", f"data/{run.task}/{'real' if run.variant == 'base' else run.variant}",
-                   cfg.data_hash(experiment, run), "driver")]
-        if run.fine_tuned:
-            checks.append(("train", f"train/{run.task}/{run.label}", cfg.train_hash(experiment, run),
-                           f"{train.num_workers}x({train.cpus_per_worker} CPU, {train.gpus_per_worker} GPU)"))
-        for split in ("real", "own"):
-            checks.append((f"evaluate:{split}", f"evaluate/{run.task}/{run.label}/{split}",
-                           cfg.eval_hash(experiment, run, split), actor))
-        if k.enabled and run.variant in k.variants:
-            checks.append(("knockout", f"knockout/{run.task}/{run.label}", knockout_hash(experiment, run), actor))
-        source = patch_source(experiment, runs, run) if experiment.patching.enabled else None
-        if source is not None:
-            checks.append(("patching", f"patching/{run.task}/{run.label}", patching_hash(experiment, run, source),
-                           actor))
-        for stage, key, digest, resources in checks:
-            rows.append({"task": run.task, "run": run.label, "variant": run.variant, "stage": stage,
-                         "hash": digest, "done": store.is_done(key, digest), "resources": resources})
+        resources = {"data": "driver", "train": f"{train.num_workers}x({train.cpus_per_worker} CPU, "
+                                                f"{train.gpus_per_worker} GPU)"}
+        cells = [data_cell(experiment, store, run), train_cell(experiment, store, run),
+                 *(eval_cell(experiment, store, run, split) for split in layout.SPLITS),
+                 knockout_cell(experiment, store, run), patching_cell(experiment, store, runs, run)]
+        for cell in filter(None, cells):
+            rows.append({"task": run.task, "run": run.label, "variant": run.variant, "stage": cell.stage,
+                         "key": cell.key, "hash": cell.digest, "done": done(store, cell),
+                         "resources": resources.get(cell.stage, actor)})
     return rows
 
 

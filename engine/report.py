@@ -3,7 +3,7 @@
 Source: Zhao, Yin, Durrett (ICML 2025): Table 1 (F1 grid), Tables 5-10 (head recall with
 counts), Table 4 (Spearman of recall with F1), Table 2 (cosine across tasks), Tables 3 and 11
 (patching), Figure 3 (knockout), Figures 6-9 (score heatmaps), Figure 4 (similarity vs F1).
-Reads only run-directory artifacts (layout in the design notes); every section says "not
+Reads only run-directory artifacts (their layout: engine/layout.py); every section says "not
 run" when its inputs are absent. Findings are computed from the artifacts with fixed
 criteria stated in the report.
 
@@ -24,6 +24,7 @@ from rich.table import Table
 
 from engine import artifacts as a
 from engine import figures
+from engine import layout
 from engine.artifacts import ReportError  # noqa: F401  (re-exported)
 from engine.findings import COMPETENCE_F1, compute_findings, knockout_tests, task_competence
 from engine.provenance import provenance
@@ -47,9 +48,9 @@ def write_report(run_dir: str | Path, config_summary: Mapping | None = None) -> 
         The path of `report.md`.
     """
     run = Path(run_dir)
-    with atomic_dir(run / "report") as out:  # report.md, findings.json and figures, all or none
+    with atomic_dir(layout.report(run)) as out:  # report.md, findings.json and figures, all or none
         _write_report(run, out, config_summary)
-    return run / "report" / "report.md"
+    return layout.report(run) / "report.md"
 
 
 def _write_report(run: Path, out: Path, config_summary: Mapping | None) -> None:
@@ -93,7 +94,7 @@ def print_summary(run_dir: str | Path, console: Console) -> None:
     for variant in a.variants(run, tasks):
         grid.add_row(variant, *[a.fmt(a.f1(run, t, variant)) for t in tasks])
     console.print(grid)
-    path = run / "report" / "findings.json"
+    path = layout.report(run) / "findings.json"
     findings = json.loads(path.read_text()) if path.is_file() else compute_findings(run)
     warning = competence_warning(task_competence(run))
     if warning:
@@ -122,7 +123,7 @@ def _f1_grid_md(run: Path, tasks: list[str]) -> list[str]:
 
 def _recall_md(run: Path, task: str) -> list[str]:
     lines = [f"### {task}", ""]
-    counts = a.read(run / "overlap" / task / "counts.parquet")
+    counts = a.read(layout.overlap(run, task) / "counts.parquet")
     if counts is None:
         return lines + [NOT_RUN, ""]
     counts = a.ordered(counts, "variant")
@@ -133,7 +134,7 @@ def _recall_md(run: Path, task: str) -> list[str]:
         for c in counts
     ]
     lines += [f"H_X: heads with {kind} score > 0 on the model's own validation data.", "", *_md_table(header, rows)]
-    recall = a.read(run / "overlap" / task / "recall.parquet") or []
+    recall = a.read(layout.overlap(run, task) / "recall.parquet") or []
     cells = {(r["row"], r["column"]): r["recall"] for r in recall}
     labels = [c["variant"] for c in counts]
     lines += ["Pairwise recall, cell(row X, column Y) = |H_X ∩ H_Y| / |H_Y|:", ""]
@@ -145,13 +146,13 @@ def _recall_md(run: Path, task: str) -> list[str]:
 def _spearman_md(run: Path, tasks: list[str]) -> list[str]:
     rows = []
     for task in tasks:
-        for r in a.read(run / "overlap" / task / "spearman.parquet") or []:
+        for r in a.read(layout.overlap(run, task) / "spearman.parquet") or []:
             rows.append([task, r["metric"], a.fmt(r["rho"], 2), a.fmt(r["p_value"], 3), r["n"], r["reason"] or "-"])
     return _md_table(["task", "similarity", "rho", "p", "n", "note"], rows) if rows else [NOT_RUN, ""]
 
 
 def _cross_task_md(run: Path) -> list[str]:
-    rows = a.read(run / "overlap" / "cross_task_cosine.parquet")
+    rows = a.read(layout.overlap(run) / "cross_task_cosine.parquet")
     if not rows:
         return [NOT_RUN, ""]
     rows = a.ordered(rows, "variant")
@@ -162,8 +163,8 @@ def _cross_task_md(run: Path) -> list[str]:
 def _patching_md(run: Path, tasks: list[str]) -> list[str]:
     rows = []
     for task in tasks:
-        for v in a.ordered_names(a.subdirs(run / "patching" / task)):
-            s = a.patching_summary(a.read(run / "patching" / task / v / "patching.parquet") or [])
+        for v in a.ordered_names(a.subdirs(layout.patching(run, task))):
+            s = a.patching_summary(a.read(layout.patching(run, task, v) / "patching.parquet") or [])
             n_heads = s.get("inter", {}).get("n_heads", math.nan)
             f1s = [a.fmt(s.get(name, {}).get("f1", math.nan)) for name in a.PATCH_SETS]
             gains = [a.fmt(s.get(name, {}).get("gain", math.nan)) for name in a.PATCH_SETS[1:]]
@@ -176,8 +177,8 @@ def _patching_md(run: Path, tasks: list[str]) -> list[str]:
 def _knockout_md(run: Path, tasks: list[str], fig_dir: Path) -> list[str]:
     lines = []
     for task in tasks:
-        for v in a.ordered_names(a.subdirs(run / "knockout" / task)):
-            rows = a.read(run / "knockout" / task / v / "knockout.parquet") or []
+        for v in a.ordered_names(a.subdirs(layout.knockout(run, task))):
+            rows = a.read(layout.knockout(run, task, v) / "knockout.parquet") or []
             summary = a.knockout_summary(rows)
             if not summary:
                 continue
@@ -222,9 +223,9 @@ def _heatmaps_md(run: Path, tasks: list[str], fig_dir: Path) -> list[str]:
 def _scatter_md(run: Path, tasks: list[str], fig_dir: Path) -> list[str]:
     lines = []
     for task in tasks:
-        counts = {c["variant"]: c for c in a.read(run / "overlap" / task / "counts.parquet") or []}
+        counts = {c["variant"]: c for c in a.read(layout.overlap(run, task) / "counts.parquet") or []}
         panels = []
-        for r in a.read(run / "overlap" / task / "spearman.parquet") or []:
+        for r in a.read(layout.overlap(run, task) / "spearman.parquet") or []:
             pts = [counts[v] for v in r["variants"] if v in counts]
             pts = [c for c in pts if not (math.isnan(a.as_float(c[r["metric"]])) or math.isnan(a.as_float(c["f1"])))]
             xlabel = {"recall_vs_real": "recall of the real model's heads"}.get(

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from engine import artifacts as a
 from engine import figures
+from engine import layout
 
 NOT_RUN = "_not run_"
 TOP_HEADS = 10
@@ -48,11 +49,11 @@ def intervals_md(run: Path, tasks: list[str]) -> list[str]:
     """Per task: F1 and recall vs real with 95% intervals, and the real model's best heads."""
     lines = []
     for task in tasks:
-        metrics = a.read(run / "overlap" / task / "intervals.parquet")
+        metrics = a.read(layout.overlap(run, task) / "intervals.parquet")
         if not metrics:
             continue
         by = {(r["variant"], r["metric"]): r for r in metrics}
-        counts = {c["variant"]: c for c in a.read(run / "overlap" / task / "counts.parquet") or []}
+        counts = {c["variant"]: c for c in a.read(layout.overlap(run, task) / "counts.parquet") or []}
         labels = a.ordered_names({r["variant"] for r in metrics})
         rows = []
         for v in labels:
@@ -65,7 +66,7 @@ def intervals_md(run: Path, tasks: list[str]) -> list[str]:
                   "examples, which the bootstrap does not estimate; see the stability section for how H "
                   "depends on the examples).", ""]
         lines += md_table(["variant", "F1 [95% CI]", "recall vs real [95% Wilson CI]", "|H_X|"], rows)
-        heads = a.read(run / "overlap" / task / "head_intervals.parquet") or []
+        heads = a.read(layout.overlap(run, task) / "head_intervals.parquet") or []
         reference = next((v for v in a.ordered_names({h["variant"] for h in heads}) if a.base(v) == "real"), None)
         if reference:
             best = sorted((h for h in heads if h["variant"] == reference and h["score"] > 0),
@@ -82,7 +83,7 @@ def stability_md(run: Path, tasks: list[str], fig_dir: Path) -> list[str]:
     """Per task: Jaccard of H_X(n) against H_X(all) by subset size, a figure and the n that suffices."""
     lines = []
     for task in tasks:
-        rows = a.read(run / "overlap" / task / "stability.parquet")
+        rows = a.read(layout.overlap(run, task) / "stability.parquet")
         if not rows:
             continue
         labels = a.ordered_names({r["variant"] for r in rows})
@@ -111,7 +112,7 @@ def steps_md(run: Path, tasks: list[str], fig_dir: Path) -> list[str]:
     """Per task: how much of H_X the heads of a single decoding step cover."""
     lines = []
     for task in tasks:
-        rows = a.read(run / "overlap" / task / "steps.parquet")
+        rows = a.read(layout.overlap(run, task) / "steps.parquet")
         if not rows:
             continue
         labels = a.ordered_names({r["variant"] for r in rows})
@@ -139,8 +140,8 @@ def steps_md(run: Path, tasks: list[str], fig_dir: Path) -> list[str]:
 
 def probe_md(run: Path) -> list[str]:
     """The probe's ranking of candidate datasets and its rank correlation with full fine-tunes' F1."""
-    rows = a.read(run / "probe" / "probe.parquet")
-    corr = a.read(run / "probe" / "correlation.parquet")
+    rows = a.read(layout.probe(run) / "probe.parquet")
+    corr = a.read(layout.probe(run) / "correlation.parquet")
     if not rows:
         return [NOT_RUN, ""]
     lines = ["Short tunes of each candidate, heads scored on the real task's validation data, compared with "

@@ -189,7 +189,7 @@ def read_json(path: str | Path) -> Any:
 
 
 class RunStore:
-    """A run directory (layout in DESIGN.md) and its manifest."""
+    """A run directory (its layout: engine/layout.py) and its manifest."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from engine.synth.request import SynthRequest
 from tasks.example import Example, Span
+from tasks.fitting import TokenCounter
 
 
 class DataError(ValueError):
@@ -39,6 +40,25 @@ def resolve_options(defaults: dict, given: dict | None, task: str) -> dict:
     if unknown:
         raise DataError(f"{task}: unknown option(s) {unknown}; valid options: {sorted(defaults)}")
     return {**defaults, **given}
+
+
+def build_variant(task, variant: str, *, sources: dict, options: dict, tokenizer, target_tokens: int, n: int,
+                  seed: int, split: str, synth=None) -> BuildResult:
+    """The build the three paper tasks share: the options resolved against the task's OPTIONS
+    (its `check_options`, if any, validates them), the variant checked, and the task's real,
+    symbolic or synthetic builder called. `task` is the task module (`tasks.Task`); the
+    arguments are those of `tasks.Task.build`."""
+    opts = resolve_options(task.OPTIONS, options, task.NAME)
+    if variant not in task.VARIANTS:
+        raise DataError(f"{task.NAME}: unknown variant {variant!r}; valid: {list(task.VARIANTS)}")
+    if hasattr(task, "check_options"):
+        task.check_options(opts)
+    counter = tokenizer if isinstance(tokenizer, TokenCounter) else TokenCounter(tokenizer)
+    if variant in ("real", "real_limited"):
+        return task.build_real(variant, sources, opts, counter, target_tokens, n, seed, split)
+    if variant == "symbolic":
+        return task.build_symbolic(opts, counter, target_tokens, n, seed, split)
+    return task.build_synthetic(variant, opts, counter, target_tokens, n, seed, split, synth)
 
 
 def source_path(sources: dict, key: str, task: str, valid: Sequence[str], allow_dir: bool = False) -> Path:

@@ -27,14 +27,15 @@ Example:
 from __future__ import annotations
 
 import random
+import sys
 from collections import Counter
 
 from tasks import fiction
 from tasks import symbols as sym
-from tasks.build import (BuildResult, DataError, count, generate, in_eval_partition, make_example, read_jsonl,
-                         resolve_options, same_file, source_path)
+from tasks.build import (BuildResult, DataError, build_variant, count, generate, in_eval_partition, make_example,
+                         read_jsonl, same_file, source_path)
 from tasks.example import Example
-from tasks.fitting import Draft, FitRequest, TokenCounter, fit_stream
+from tasks.fitting import Draft, FitRequest, fit_stream
 from tasks.haystack import Doc, Plain, filler_stream, needle_marks, segments, take_tokens
 from tasks.retrieval import SIMILARITIES, rank_bm25, rank_dense
 from tasks.text import best_f1_em, contains_answer, find_all, first_answer_line, locate_answers, normalize_answer
@@ -130,7 +131,9 @@ def gold_slot(option, u: float):
     return lambda k: min(k, max(0, int(option)))
 
 
-def _check_gold_position(option) -> None:
+def check_options(opts: dict) -> None:
+    """The options `resolve_options` cannot check alone: gold_position's type."""
+    option = opts["gold_position"]
     if option == "random" or isinstance(option, (int, float)) and not isinstance(option, bool):
         return
     raise DataError(f"mdqa: option gold_position must be 'random', an index or a depth in [0, 1], got {option!r}")
@@ -378,16 +381,8 @@ def build(variant: str, *, sources: dict, options: dict, tokenizer, target_token
         split: "train" (train+validation pool) or "eval".
         synth: a synthesizer with `generate(requests) -> list[str]`, or None for templates.
     """
-    opts = resolve_options(OPTIONS, options, NAME)
-    _check_gold_position(opts["gold_position"])
-    if variant not in VARIANTS:
-        raise DataError(f"mdqa: unknown variant {variant!r}; valid: {list(VARIANTS)}")
-    counter = tokenizer if isinstance(tokenizer, TokenCounter) else TokenCounter(tokenizer)
-    if variant in ("real", "real_limited"):
-        return build_real(variant, sources, opts, counter, target_tokens, n, seed, split)
-    if variant == "symbolic":
-        return build_symbolic(opts, counter, target_tokens, n, seed, split)
-    return build_synthetic(variant, opts, counter, target_tokens, n, seed, split, synth)
+    return build_variant(sys.modules[__name__], variant, sources=sources, options=options, tokenizer=tokenizer,
+                         target_tokens=target_tokens, n=n, seed=seed, split=split, synth=synth)
 
 
 __all__ = ["NAME", "VARIANTS", "MAX_NEW_TOKENS", "STOP_STRINGS", "OPTIONS", "SOURCES", "build", "score"]

@@ -23,14 +23,15 @@ Example:
 from __future__ import annotations
 
 import random
+import sys
 from collections import Counter
 
 from tasks import fiction
 from tasks import symbols as sym
-from tasks.build import (BuildResult, DataError, count, generate, in_eval_partition, make_example, read_jsonl,
-                         request, resolve_options, same_file, source_path)
+from tasks.build import (BuildResult, DataError, build_variant, count, generate, in_eval_partition, make_example,
+                         read_jsonl, request, same_file, source_path)
 from tasks.example import Example
-from tasks.fitting import Draft, FitRequest, TokenCounter, fit_stream
+from tasks.fitting import Draft, FitRequest, fit_stream
 from tasks.haystack import Doc, Plain, filler_stream, needle_marks, segments, take_tokens
 from tasks.text import best_f1_em, find_all, first_answer_line, locate_answers
 
@@ -350,12 +351,5 @@ def _dict_line(name: str, pairs) -> str:
 def build(variant: str, *, sources: dict, options: dict, tokenizer, target_tokens: int, n: int, seed: int,
           split: str, synth=None) -> BuildResult:
     """Builds `n` MuSiQue examples of `variant` for `split`; see `tasks.mdqa.build` for the arguments."""
-    opts = resolve_options(OPTIONS, options, NAME)
-    if variant not in VARIANTS:
-        raise DataError(f"musique: unknown variant {variant!r}; valid: {list(VARIANTS)}")
-    counter = tokenizer if isinstance(tokenizer, TokenCounter) else TokenCounter(tokenizer)
-    if variant in ("real", "real_limited"):
-        return build_real(variant, sources, opts, counter, target_tokens, n, seed, split)
-    if variant == "symbolic":
-        return build_symbolic(opts, counter, target_tokens, n, seed, split)
-    return build_synthetic(variant, opts, counter, target_tokens, n, seed, split, synth)
+    return build_variant(sys.modules[__name__], variant, sources=sources, options=options, tokenizer=tokenizer,
+                         target_tokens=target_tokens, n=n, seed=seed, split=split, synth=synth)

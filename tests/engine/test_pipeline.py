@@ -144,6 +144,11 @@ def test_rerun_runs_nothing_and_plan_says_done(finished_run):
     before = manifest_times(run_dir)
     rows = plan(load_experiment(path))
     assert rows and all(r["done"] for r in rows)
+    # plan and run describe the same cells: every recorded output is one row of the plan (the
+    # data rows of `base` and `real` are the one real dataset)
+    assert {r["key"] for r in rows} == set(before)
+    assert sorted({r["stage"] for r in rows}) == ["data", "evaluate:own", "evaluate:real", "knockout", "patching",
+                                                   "train"]
     run_experiment(load_experiment(path))
     after = manifest_times(run_dir)
     assert after == before

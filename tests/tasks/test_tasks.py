@@ -217,3 +217,35 @@ def test_musique_written_hops(variant, char_tok):
     if variant == "real":  # the fixture's decompositions, hop by hop
         assert sorted(ex.meta["hops"] for ex in hops) == [["Ida Brandt", "Hollin", "the River Tam"],
                                                           ["Veland", "Port Ellis", "Dr. A. Moreau-Smith"]]
+
+
+def test_every_registered_task_is_a_task_and_a_partial_module_is_not():
+    import types
+
+    from tasks import Task, head_kind, mdqa
+
+    assert sorted(TASKS) == ["mdqa", "musique", "needle", "summhay"]
+    assert all(isinstance(m, Task) for m in TASKS.values())
+    partial = types.ModuleType("partial")
+    for name in ("NAME", "VARIANTS", "SOURCES", "OPTIONS", "MAX_NEW_TOKENS", "STOP_STRINGS", "build", "score"):
+        setattr(partial, name, getattr(mdqa, name))
+    assert not isinstance(partial, Task)  # no HEAD_KIND
+    partial.HEAD_KIND = "retrieval"
+    assert isinstance(partial, Task)
+    assert [head_kind(t) for t in ("mdqa", "musique", "summhay", "needle", "gone")] == \
+        ["retrieval", "retrieval", "insight", "retrieval", "retrieval"]
+
+
+@pytest.mark.parametrize("task", ["mdqa", "musique", "summhay"])
+def test_the_shared_build_refuses_an_unknown_variant_naming_the_task(task, char_tok):
+    with pytest.raises(DataError, match=rf"^{task}: unknown variant 'hx'; valid: \['real', 'real_limited', 'hh', "
+                                        r"'hl', 'lh', 'll', 'symbolic'\]$"):
+        get_task(task).build("hx", sources={}, options={}, tokenizer=char_tok, target_tokens=500, n=1, seed=0,
+                             split="train")
+
+
+def test_mdqa_checks_its_gold_position_through_the_shared_build(char_tok):
+    with pytest.raises(DataError, match=r"^mdqa: option gold_position must be 'random', an index or a depth in "
+                                        r"\[0, 1\], got 'middle'$"):
+        get_task("mdqa").build("hh", sources={}, options={"gold_position": "middle"}, tokenizer=char_tok,
+                               target_tokens=500, n=1, seed=0, split="train")
