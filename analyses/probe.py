@@ -39,6 +39,9 @@ from scipy import stats as sp
 from analyses.overlap import cosine_similarity, head_recall, head_set, read_head_scores, score_grid
 from engine import config as cfg
 from engine import layout
+from engine import pipeline as pl
+from engine.evaluate import run_jobs
+from engine.provenance import provenance
 from engine.stats import Interval, RankCorrelation, bootstrap_interval, spearman_permutation
 from engine.store import RunStore, read_parquet, write_json, write_parquet
 
@@ -127,9 +130,6 @@ def run_probe(experiment: cfg.Experiment, budgets: Sequence[int], variants: Sequ
     Returns:
         The path of `probe/probe.parquet`.
     """
-    from engine import pipeline as pl
-    from engine.evaluate import run_jobs
-    from engine.provenance import provenance
     from engine.train import train_all
 
     budgets = sorted({int(b) for b in budgets})

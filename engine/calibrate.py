@@ -35,6 +35,12 @@ from pathlib import Path
 
 from engine.config import Experiment
 from engine.cost_inputs import CALIBRATION, RATE_FIELDS
+from engine.evaluate import EvalJob, ModelRef, evaluate_shard, load_models
+from engine.pipeline import base_model_path, resolved_model
+from engine.provenance import provenance
+from engine.store import write_json
+from engine.train_spec import TrainSpec
+from tasks.example import Example, Span, to_table
 
 FILLER = ("The grass is green. ", "The sky is blue. ", "The sun is yellow. ", "Here we go. ", "There and back again. ")
 QUESTION = "\nWhat is the secret code? Answer:"
@@ -43,8 +49,6 @@ QUESTION = "\nWhat is the secret code? Answer:"
 def workload(tokenizer, target_tokens: int, n: int, seed: int = 0) -> list:
     """`n` examples of at most `target_tokens` tokens: filler sentences with one needle at a random
     depth, then its question; the answer span marked as the scorer needs it."""
-    from tasks.example import Example, Span
-
     def count(text: str) -> int:
         return len(tokenizer(text)["input_ids"])
 
@@ -94,14 +98,8 @@ def measure(experiment: Experiment, base_model: str, steps: int = 4, new_tokens:
     import pyarrow.parquet as pq
     import torch
 
-    from engine.evaluate import EvalJob, ModelRef, evaluate_shard, load_models
     from engine.models import load_tokenizer
-    from engine.pipeline import resolved_model
-    from engine.provenance import provenance
-    from engine.train_spec import TrainSpec
     from engine.train_worker import train_loop_per_worker
-    from tasks.example import to_table
-
     m, t, e = resolved_model(experiment, base_model), experiment.train, experiment.evaluate
     context = max(task.target_tokens for task in experiment.tasks)
     tokenizer = load_tokenizer(base_model, trust_remote_code=m.trust_remote_code)
@@ -166,8 +164,6 @@ def measure(experiment: Experiment, base_model: str, steps: int = 4, new_tokens:
 
 def write_calibration(experiment: Experiment, measured: dict) -> Path:
     """Writes `measured` to `<run_dir>/calibration.json` atomically."""
-    from engine.store import write_json
-
     missing = [k for k in RATE_FIELDS if k not in measured]
     if missing:
         raise ValueError(f"calibration lacks {missing}")
@@ -177,8 +173,6 @@ def write_calibration(experiment: Experiment, measured: dict) -> Path:
 def calibrate(experiment: Experiment, steps: int = 4, new_tokens: int = 16, timeout_s: float | None = None) -> Path:
     """Measures in one Ray task with a fine-tune worker's resources; writes calibration.json."""
     import ray
-
-    from engine.pipeline import base_model_path
 
     t = experiment.train
     task = ray.remote(num_cpus=t.cpus_per_worker, num_gpus=t.gpus_per_worker)(measure)

@@ -18,14 +18,26 @@ Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import fcntl
 import json
 import os
 import sys
 from pathlib import Path
 
+import yaml
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+
+from engine.cli_heads import add_commands
+from engine.config import STAGES, ConfigError, check_target_tokens, expand, load_experiment, load_recipe, parse_task
+from engine.data import build_task_data, dataset_stats, render_stats
+from engine.pipeline import plan, run_experiment, status
+from engine.progress import heartbeat
+from engine.store import RunStore
+from engine.synth import run_synth
+from tasks import TASKS
 
 console = Console()
 err_console = Console(stderr=True)
@@ -45,14 +57,10 @@ RUN_FAILURES = {"engine.pool": "PoolError", "engine.train_spec": "TrainError", "
 
 
 def _experiment(args, check_sources: bool = True):
-    from engine.config import load_experiment
-
     return load_experiment(args.experiment, overrides=args.overrides, check_sources=check_sources)
 
 
 def cmd_validate(args) -> int:
-    from engine.config import expand
-
     exp = _experiment(args)
     console.print(f"[green]ok[/] {args.experiment}: {exp.name}, {len(expand(exp))} runs, "
                   f"tasks {', '.join(t.name for t in exp.tasks)}")
@@ -60,8 +68,6 @@ def cmd_validate(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from engine.pipeline import plan
-
     exp = _experiment(args, check_sources=False)  # what a run would cost, before its data is downloaded
     rows = plan(exp)
     table = Table(title=f"{exp.name}: {exp.resolved_run_dir()}")
@@ -97,8 +103,6 @@ def print_cost(cost, todo: int) -> None:
 
 def parse_stages(text: str | None) -> tuple[str, ...]:
     """`--stages`: every stage when not given; an empty, blank or unknown stage is an error."""
-    from engine.config import STAGES, ConfigError
-
     if text is None:
         return STAGES
     stages = tuple(s.strip() for s in text.split(","))
@@ -111,8 +115,6 @@ def parse_stages(text: str | None) -> tuple[str, ...]:
 
 
 def cmd_run(args) -> int:
-    from engine.pipeline import run_experiment
-
     stages = parse_stages(args.stages)
     out = run_experiment(_experiment(args), stages=stages)
     console.print(f"[bold green]done[/]: {out}")
@@ -120,16 +122,12 @@ def cmd_run(args) -> int:
 
 
 def cmd_stage(args) -> int:
-    from engine.pipeline import run_experiment
-
     out = run_experiment(_experiment(args), stages=(STAGE_VERBS[args.command],))
     console.print(f"[bold green]done[/]: {args.command} -> {out}")
     return 0
 
 
 def cmd_ls(args) -> int:
-    from tasks import TASKS
-
     table = Table(title="tasks")
     table.add_column("task")
     table.add_column("variants")
@@ -149,8 +147,6 @@ def cmd_ls(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from engine.pipeline import status
-
     info = status(args.run_dir)
     table = Table(title=f"{args.run_dir}")
     table.add_column("stage")
@@ -163,8 +159,6 @@ def cmd_status(args) -> int:
 
 def cmd_report(args) -> int:
     from engine.report import print_summary, write_report
-    from engine.store import RunStore
-
     RunStore(args.run_dir).read_config()  # refuses a directory that is no run directory
     path = write_report(Path(args.run_dir))
     print_summary(Path(args.run_dir), console)
@@ -173,8 +167,6 @@ def cmd_report(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from engine.config import load_experiment
-    from engine.pipeline import run_experiment
     from engine.report import print_summary
 
     overrides = list(args.overrides)
@@ -197,9 +189,6 @@ def cmd_demo(args) -> int:
 def cmd_miniature_pretrain(args) -> int:
     """Pretrains the miniature base of a recipe: into the cache (or `--out`), or with `--ship`
     into the repository's shipped base, which the demo then uses."""
-    import dataclasses
-
-    from engine.config import ConfigError, load_recipe
     from engine.miniature import MiniatureSpec, spec_hash
     from engine.miniature.gates import format_gates
     from engine.miniature.pretrain import SHIPPED, default_cache_dir, publish_pretrained, shipped_base
@@ -216,8 +205,6 @@ def cmd_miniature_pretrain(args) -> int:
     if args.ship:
         spec = dataclasses.replace(spec, on_failed_check="raise")  # a base missing a gate is not shipped
     final.parent.mkdir(parents=True, exist_ok=True)
-    import fcntl
-
     with open(final.parent / f".{final.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         meta = publish_pretrained(spec, final)
@@ -232,8 +219,6 @@ def cmd_miniature_pretrain(args) -> int:
 
 
 def _key_values(items: list[str], flag: str, example: str) -> dict[str, str]:
-    from engine.config import ConfigError
-
     pairs = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -248,10 +233,6 @@ def data_build_task(args):
 
     Errors name the flag (`--n`) rather than the YAML key (`n_train`) it stands for.
     """
-    import yaml
-
-    from engine.config import ConfigError, parse_task
-
     sources = _key_values(args.source, "--source", "train=nq.jsonl.gz")
     options = {k: yaml.safe_load(v) for k, v in _key_values(args.option, "--option", "gold_position=0").items()}
     body = {"variants": [args.variant], "sources": sources, "options": options, "n_train": args.n,
@@ -271,8 +252,6 @@ def data_build_task(args):
 
 
 def _check_out(out: Path, force: bool) -> None:
-    from engine.config import ConfigError
-
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
@@ -283,11 +262,7 @@ def _check_out(out: Path, force: bool) -> None:
 
 
 def cmd_data_build(args) -> int:
-    from engine.config import check_target_tokens
-    from engine.data import build_task_data, render_stats
     from engine.models import load_tokenizer, position_limit
-    from engine.progress import heartbeat
-
     task = data_build_task(args)
     out = Path(args.out)
     _check_out(out, args.force)
@@ -313,8 +288,6 @@ def cmd_data_build(args) -> int:
 
 
 def cmd_data_stats(args) -> int:
-    from engine.data import dataset_stats, render_stats
-
     stats = dataset_stats(Path(args.dir))
     console.print(render_stats(stats))
     if args.json:
@@ -323,8 +296,6 @@ def cmd_data_stats(args) -> int:
 
 
 def cmd_synth(args) -> int:
-    from engine.synth import run_synth
-
     exp = _experiment(args)
     report = run_synth(args.requests, exp.synth, exp.resolved_run_dir() / "synth_cache")
     console.print(report)
@@ -441,8 +412,6 @@ def parser() -> argparse.ArgumentParser:
     mp.add_argument("--ship", action="store_true", help="write the repository's shipped base (data/miniature)")
     mp.add_argument("--force", action="store_true", help="with --ship: pretrain even if the shipped base is this recipe's")
     mp.set_defaults(func=cmd_miniature_pretrain)
-
-    from engine.cli_heads import add_commands
 
     add_commands(sub)  # heads compare | export | show | stability | steps, and probe
     s = sub.add_parser("demo", help="the whole study on the bundled miniature, on a CPU")

@@ -19,7 +19,14 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from analyses.head_examples import ExamplesError
+from analyses.stability import ENOUGH, enough_examples, run_stability
+from analyses.steps import run_steps
+from engine import artifacts as a
 from engine import layout
+from engine.config import load_experiment
+from engine.provenance import provenance
+from engine.store import write_json
 
 console = Console()
 
@@ -39,9 +46,6 @@ def _fmt(x, digits: int = 3) -> str:
 
 def cmd_compare(args) -> int:
     from analyses.interop import compare, read_head_scores
-    from engine.provenance import provenance
-    from engine.store import write_json
-
     a = read_head_scores(args.a, kind=args.kind)
     b = read_head_scores(args.b, kind=args.kind_b or args.kind)
     result = compare(a, b, top_k=_ints(args.top, "--top"))
@@ -106,9 +110,6 @@ def cmd_show(args) -> int:
 
 def _run_heads(run_dir: Path, task: str | None) -> tuple[list[str], dict[str, list[str]], dict[str, str]]:
     """Tasks, scored variants and head kinds of a run directory (kinds as the overlap stage wrote them)."""
-    from analyses.head_examples import ExamplesError
-    from engine import artifacts as a
-
     tasks = [t for t in a.tasks(run_dir) if task is None or t == task]
     if not tasks:
         raise ExamplesError(f"{run_dir}: no evaluated task{' ' + task if task else ''}")
@@ -121,8 +122,6 @@ def _run_heads(run_dir: Path, task: str | None) -> tuple[list[str], dict[str, li
 
 
 def cmd_stability(args) -> int:
-    from analyses.stability import ENOUGH, enough_examples, run_stability
-    from engine import artifacts as a
     from engine.report_stats import stability_md
 
     run_dir = Path(args.run_dir)
@@ -149,8 +148,6 @@ def cmd_stability(args) -> int:
 
 
 def cmd_steps(args) -> int:
-    from analyses.steps import run_steps
-    from engine import artifacts as a
     from engine.report_stats import steps_md
 
     run_dir = Path(args.run_dir)
@@ -173,9 +170,6 @@ def cmd_steps(args) -> int:
 
 def cmd_probe(args) -> int:
     from analyses.probe import run_probe
-    from engine import artifacts as a
-    from engine.config import load_experiment
-
     experiment = load_experiment(args.experiment, overrides=args.overrides)
     variants = [v.strip() for v in args.variants.split(",")] if args.variants else None
     tasks = [t.strip() for t in args.tasks.split(",")] if args.tasks else None

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import itertools
 import json
 import math
 import re
@@ -28,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from tasks import get_task
 
 VARIANTS = ("real", "real_limited", "hh", "hl", "lh", "ll", "symbolic", "base")
 SYNTHETIC_VARIANTS = ("hh", "hl", "lh", "ll", "symbolic")
@@ -384,8 +387,6 @@ def parse_task(name: str, body: Any, source: str, check_sources: bool = True) ->
         ConfigError: an unknown task, variant, option or source key, a value out of range, or
             (with `check_sources`) a source path that does not exist.
     """
-    from tasks import get_task
-
     try:
         module = get_task(name)
     except (KeyError, ValueError) as err:
@@ -586,8 +587,6 @@ def _check_sweep(experiment: Experiment, source: str) -> None:
 
 def expand(experiment: Experiment) -> list[Run]:
     """Expands the grid: task x variant x seed x every swept value (fine-tuned variants only)."""
-    import itertools
-
     sweep_keys = sorted(experiment.sweep)
     combos = list(itertools.product(*(experiment.sweep[k] for k in sweep_keys))) or [()]
     runs = []

@@ -34,7 +34,21 @@ from dataclasses import dataclass
 
 from engine import config as cfg
 from engine.config import Experiment, Run
-from engine.cost_inputs import Cluster, CostError, Rates, SynthRates
+from engine.cost_inputs import (
+    ROOT,
+    Cluster,
+    CostError,
+    Rates,
+    SynthRates,
+    _number,
+    load_cluster,
+    load_prices,
+    load_throughput,
+    read_calibration,
+    stated_rates,
+    stated_synth_rates,
+)
+from tasks import get_task
 
 STAGES = ("data", "train", "evaluate", "knockout", "patching")
 VAL_FRACTION = 0.1  # engine.data: the validation share of n_train
@@ -102,8 +116,6 @@ def examples(experiment: Experiment, task: str, split: str) -> int:
 
 
 def new_tokens(experiment: Experiment, task: str) -> int:
-    from tasks import get_task
-
     return experiment.evaluate.max_new_tokens or get_task(task).MAX_NEW_TOKENS
 
 
@@ -118,8 +130,6 @@ def train_tokens(experiment: Experiment, run: Run) -> float:
 
 def synth_requests(task: str, variant: str, n: int, options: dict) -> tuple[int, int]:
     """(LLM requests, synthesis calls) of one synthetic dataset of `n` examples."""
-    from tasks import get_task
-
     pool = int({**get_task(task).OPTIONS, **options}.get("pool_size", 0))
     needles = NEEDLE_REQUESTS[task] * n if variant in HIGH_NEEDLE else 0
     pooled = pool if variant in DIVERSE_HAYSTACK else 0
@@ -261,9 +271,6 @@ def estimate_experiment(experiment: Experiment, rows: Sequence[dict], cluster_pa
                         throughput_path=None) -> CostTable:
     """`estimate` with its inputs read from files: cluster.yaml, prices.yaml, throughput.yaml at
     the repository root unless given, and the run directory's calibration.json when present."""
-    from engine.cost_inputs import (ROOT, _number, load_cluster, load_prices, load_throughput, read_calibration,
-                                    stated_rates, stated_synth_rates)
-
     throughput_path = throughput_path or ROOT / "data/costs/throughput.yaml"
     cluster = load_cluster(cluster_path or ROOT / "cluster.yaml", load_prices(prices_path or ROOT / "data/costs/prices.yaml"))
     table = load_throughput(throughput_path)

@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -288,8 +289,6 @@ def load_throughput(path: str | Path = ROOT / "data/costs/throughput.yaml") -> d
 
 def read_calibration(run_dir: str | Path, model: str) -> Rates | None:
     """Measured rates from `<run_dir>/calibration.json` for `model`, or None when there are none."""
-    import json
-
     path = Path(run_dir) / CALIBRATION
     if not path.is_file():
         return None

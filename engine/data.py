@@ -23,7 +23,11 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from rich.console import Group
+from rich.table import Table
 
+from engine.config import variant_kind
+from engine.provenance import provenance
 from engine.store import atomic_dir, write_json, write_parquet
 from tasks import get_task
 from tasks.build import DataError
@@ -59,8 +63,6 @@ def build_task_data(task: str, variant: str, *, sources: dict, options: dict, to
             whole when the build succeeds, untouched when it fails.
         synth: synthesizer for LLM-written text, or None for templates.
     """
-    from engine.config import variant_kind
-
     module = get_task(task)
     kind = variant_kind(variant)
     if kind not in module.VARIANTS:
@@ -82,8 +84,6 @@ def build_task_data(task: str, variant: str, *, sources: dict, options: dict, to
         _check_not_empty(eval_examples, task, variant, "eval", sources, result.dropped)
     random.Random(seed).shuffle(examples)
     n_val = int(round(len(examples) * val_fraction))
-    from engine.provenance import provenance
-
     meta = {"task": task, "variant": variant, "target_tokens": target_tokens, "seed": seed, "dropped": dropped,
             "n_requested": {"train_val": n_train, "eval": n_eval if variant == "real" else 0},
             "provenance": provenance(seeds={"data": seed})}
@@ -180,9 +180,6 @@ def render_stats(stats: dict):
     The drop reasons get a table of their own, one row per build and reason, so that no reason
     is cut to fit a narrow terminal and no split shows another's counts.
     """
-    from rich.console import Group
-    from rich.table import Table
-
     title = f"{stats.get('task')} / {stats.get('variant')}  (target {stats.get('target_tokens')} tokens)"
     table = Table(title=title)
     for col in ("split", "count", "tokens min", "median", "max", "needles/ex", "needle depth deciles"):

@@ -24,8 +24,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from engine.chat import has_chat_template
 from engine.config import ScoringConfig
 from engine.eval_jobs import EvalError, EvalJob, ModelRef, TaskScorer
+from tasks import get_task
+from tasks.example import Example
 
 PREDICTION_SCHEMA = pa.schema(
     [
@@ -90,8 +93,6 @@ def load_models(job: EvalJob) -> LoadedModels:
 
 
 def task_scorer(name: str) -> TaskScorer:
-    from tasks import get_task
-
     return get_task(name)
 
 
@@ -108,12 +109,9 @@ def evaluate_shard(
         start: index of the first row in the data file (keeps the merged order).
         scorer: the task module; None looks up `job.task` in the task registry.
     """
-    from engine.chat import has_chat_template
     from engine.decode import ScoreSpans, greedy_decode
     from engine.heads import Knockout, Patch
     from engine.placement import held
-    from tasks.example import Example
-
     if loaded.key != job.models_key:
         raise EvalError(f"job {job.name}: worker holds {loaded.key}, job needs {job.models_key}")
     scorer = scorer or task_scorer(job.task)

@@ -24,12 +24,21 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 import tasks
+from analyses.knockout import run_knockout
+from analyses.patching import run_patching
+from analyses.stability import run_stability
+from analyses.steps import run_steps
 from engine import config as cfg
 from engine import layout
-from engine.config import Experiment, Run
+from engine.chat import has_chat_template
+from engine.config import ConfigError, Experiment, Run
+from engine.data import build_task_data
 from engine.eval_jobs import EvalJob, ModelRef
+from engine.evaluate import run_jobs
 from engine.progress import heartbeat, plain_lines
+from engine.provenance import provenance
 from engine.store import RunStore, StoreError, clear_stale_temps, read_json, write_json
+from engine.synth import make_synthesizer
 from engine.train_spec import TrainSpec
 
 console = Console(stderr=True)
@@ -161,7 +170,6 @@ def require_done(store: RunStore, cell: Cell, stage: str) -> None:
 
 @functools.lru_cache(maxsize=8)
 def _tokenizer_has_template(base_model: str, trust_remote_code: bool) -> bool:
-    from engine.chat import has_chat_template
     from engine.models import load_tokenizer
 
     return has_chat_template(load_tokenizer(base_model, trust_remote_code=trust_remote_code))
@@ -221,8 +229,6 @@ def build_data(experiment: Experiment, store: RunStore, runs: Sequence[Run], bas
 
 def build_variant_data(experiment: Experiment, store: RunStore, run: Run, tokenizer, base_model: str, synth) -> None:
     """One task x variant dataset into the run directory, recorded in the manifest."""
-    from engine.data import build_task_data
-
     task = experiment.task(run.task)
     sources = task.sources or bundled_sources(experiment, base_model).get(run.task, {})
     console.print(f"[bold]data[/] {run.task}/{run.variant}: {task.n_train} train, target {task.target_tokens} tokens")
@@ -254,8 +260,6 @@ def bundled_sources(experiment: Experiment, base_model: str) -> dict[str, dict[s
 
 
 def make_synth(experiment: Experiment, store: RunStore):
-    from engine.synth import make_synthesizer
-
     return make_synthesizer(experiment.synth, store.path("synth_cache"))
 
 
@@ -309,8 +313,6 @@ def eval_job(experiment: Experiment, name: str, model: ModelRef, task: str, data
 
 def evaluate_models(experiment: Experiment, store: RunStore, runs: Sequence[Run], base_model: str) -> None:
     """Every model on the real task's evaluation set (F1) and on its own validation set (H_X)."""
-    from engine.evaluate import run_jobs
-
     jobs, cells = [], []
     for run in runs:
         for split in layout.SPLITS:
@@ -336,8 +338,6 @@ def evaluate_models(experiment: Experiment, store: RunStore, runs: Sequence[Run]
 
 
 def run_knockouts(experiment: Experiment, store: RunStore, runs: Sequence[Run], base_model: str) -> None:
-    from analyses.knockout import run_knockout
-
     k = experiment.knockout
     for run in runs:
         cell = knockout_cell(experiment, store, run)
@@ -360,8 +360,6 @@ def run_knockouts(experiment: Experiment, store: RunStore, runs: Sequence[Run], 
 
 
 def run_patchings(experiment: Experiment, store: RunStore, runs: Sequence[Run], base_model: str) -> None:
-    from analyses.patching import run_patching
-
     p = experiment.patching
     for run in runs:
         cell = patching_cell(experiment, store, runs, run)
@@ -441,8 +439,6 @@ def patching_hash(experiment: Experiment, run: Run, source: Run) -> str:
 def write_reports(experiment: Experiment, store: RunStore, runs: Sequence[Run]) -> Path:
     from analyses.intervals import run_intervals
     from analyses.overlap import run_overlap
-    from analyses.stability import run_stability
-    from analyses.steps import run_steps
     from engine.report import write_report
 
     tasks = [t.name for t in experiment.tasks]
@@ -457,7 +453,6 @@ def write_reports(experiment: Experiment, store: RunStore, runs: Sequence[Run]) 
 
 def check_position_limit(experiment: Experiment, base_model: str) -> None:
     """`model.max_context` must lie within what the model can position (see `models.position_limit`)."""
-    from engine.config import ConfigError
     from engine.models import position_limit
 
     limit, why = position_limit(base_model, experiment.model.rope_base, experiment.model.trust_remote_code)
@@ -469,8 +464,6 @@ def check_position_limit(experiment: Experiment, base_model: str) -> None:
 
 def run_provenance(experiment: Experiment) -> dict:
     """The provenance of a run (engine.provenance), with every seed its stages use."""
-    from engine.provenance import provenance
-
     return provenance(seeds={"experiment": list(experiment.seeds), "knockout": list(experiment.knockout.seeds),
                              "patching": list(experiment.patching.seeds)},
                       experiment={"name": experiment.name, "file": experiment.source_file,

@@ -34,11 +34,21 @@ import shutil
 import tempfile
 import time
 from collections.abc import Sequence
+
 from ray.tune import Callback
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from engine.progress import plain_lines
-from engine.train_spec import (TrainError, TrainResult, TrainSpec, finished, publish_variant, result_from_done,
-                               run_name, storage_path)
+from engine.train_spec import (
+    TrainError,
+    TrainResult,
+    TrainSpec,
+    finished,
+    publish_variant,
+    result_from_done,
+    run_name,
+    storage_path,
+)
 
 # A Tune trial here only waits on its TorchTrainer; reserving a CPU for it would starve the
 # training workers (on 2 cores, tasks wait silently for CPUs that idle drivers hold), and
@@ -288,8 +298,6 @@ class TrainProgress(Callback):
     """
 
     def __init__(self, names: Sequence[str], board, enabled: bool = True):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
         self.names, self.board, self.enabled = list(names), board, enabled
         self.progress = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -9,6 +9,7 @@ Example:
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import zlib
 from collections import Counter
@@ -121,8 +122,6 @@ def read_json(path: Path, what: str):
 
 def in_eval_partition(key: str, seed: int = 0) -> bool:
     """Stable 1-in-5 partition used when one file serves as both training and eval source."""
-    import hashlib
-
     return int(hashlib.sha1(f"{seed}:{key}".encode()).hexdigest(), 16) % 5 == 0
 
 

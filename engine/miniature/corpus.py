@@ -29,6 +29,8 @@ import random
 import re
 from dataclasses import dataclass
 
+from tasks import get_task
+
 from .drills import drill
 from .spec import MiniatureError
 from .world import WORD_PATTERN
@@ -113,8 +115,6 @@ def task_examples(tokenizer, sources: dict[str, dict[str, str]], context: int, n
     The base model then meets exactly the prompt styles of the fine-tuning and evaluation
     data, only short: `context` minus room for the answer.
     """
-    from tasks import get_task
-
     pairs = {}
     for name in TASKS:
         examples = []

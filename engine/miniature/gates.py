@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import re
 
+from tasks import get_task
+
 from .checks import retrieval_accuracy, summary
 from .corpus import TASK_OPTIONS, TASKS
 
@@ -33,8 +35,6 @@ _DOCUMENT = re.compile(r"Document \[\d+\]")
 def held_out_examples(tokenizer, sources: dict, context: int, n: int, seed: int,
                       tasks: tuple[str, ...] = TASKS) -> dict[str, list]:
     """Per task, up to `n` evaluation-split examples of the real variant at `context` tokens."""
-    from tasks import get_task
-
     out = {}
     for task in tasks:
         result = get_task(task).build("real", sources=sources[task], options=TASK_OPTIONS[task], tokenizer=tokenizer,
@@ -48,8 +48,6 @@ def answer_scores(model, tokenizer, examples: list, task: str, batch_size: int =
     import numpy as np
 
     from engine.decode import greedy_decode
-    from tasks import get_task
-
     module = get_task(task)
     if not examples:
         return {"n": 0, "exact": 0.0, "f1": 0.0, "min_documents": 0, "mean_documents": 0.0}

@@ -19,17 +19,22 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import fcntl
 import hashlib
 import json
+import math
 import os
+import random
 import shutil
+import sys
 import time
 import warnings
 from pathlib import Path
 
 import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .checks import retrieval_accuracy, summary
 from .corpus import PretrainingMix, encode_qa, prompt_words, task_examples
@@ -274,10 +279,6 @@ def rope_jitter_callback(spec: MiniatureSpec):
     makes them shrink. Measured without it: raising the base 10,000 -> 80,000 drops copy
     accuracy at 64 tokens from 0.97 to 0.13 before any fine-tuning.
     """
-    import copy
-    import math
-    import random
-
     from transformers import TrainerCallback
 
     from engine.models import with_rope_base
@@ -310,9 +311,6 @@ def rope_jitter_callback(spec: MiniatureSpec):
 def rich_progress(total: int, every_s: float = 30.0):
     """Pretraining progress: a rich bar with a time estimate on a terminal, else (a log, `ray
     job logs`) a plain line every `every_s` seconds: step, elapsed, estimate left, loss."""
-    import sys
-
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from transformers import TrainerCallback
 
     class RichProgress(TrainerCallback):
