@@ -105,7 +105,12 @@ class HeadScores:
 # --------------------------------------------------------------------------- reading
 
 
-def read_head_scores(path: str | Path, kind: str | None = None) -> HeadScores:
+TABLE_COLUMNS = ("layer", "head", "score")  # what a table of another tool must have
+ENGINE_COLUMNS = ("layer", "head", "kind", "score", "n_examples")  # the engine's head_scores.parquet
+
+
+def read_head_scores(path: str | Path, kind: str | None = None,
+                     columns: Sequence[str] = TABLE_COLUMNS) -> HeadScores:
     """Reads head scores from a Retrieval_Head/HeadKV JSON, a QRHead YAML or JSON list, a
     Parquet or CSV table, or an evaluation directory.
 
@@ -122,14 +127,14 @@ def read_head_scores(path: str | Path, kind: str | None = None) -> HeadScores:
         table = path / "head_scores.parquet"
         if not table.is_file():
             raise InteropError(f"{path}: a directory without head_scores.parquet")
-        return _read_table(table, kind)
+        return _read_table(table, kind, columns)
     if not path.is_file():
         raise InteropError(f"{path}: no such head-score file")
     suffix = path.suffix.lower()
     if suffix not in FORMATS:
         raise InteropError(f"{path}: unknown head-score format {suffix!r}; expected one of {', '.join(FORMATS)}")
     if suffix in TABLE_SUFFIXES:
-        return _read_table(path, kind)
+        return _read_table(path, kind, columns)
     if suffix == ".json":
         try:
             data = json.loads(path.read_text())
@@ -212,12 +217,30 @@ def _read_ranked(items: list, path: Path, fmt: str) -> HeadScores:
     return HeadScores(scores, None, ranked_only=True, complete=False, source=str(path), format=fmt)
 
 
-def _read_table(path: Path, kind: str | None) -> HeadScores:
+def _read_table(path: Path, kind: str | None, columns: Sequence[str] = ()) -> HeadScores:
     try:
         table = pq.read_table(path) if path.suffix.lower() == ".parquet" else pa_csv.read_csv(path)
     except (pa.ArrowInvalid, OSError) as err:
         raise InteropError(f"{path}: cannot read as a table: {err}") from err
-    missing = [c for c in ("layer", "head", "score") if c not in table.column_names]
+    return table_head_scores(table, kind, path, beside=True, columns=columns)
+
+
+def table_head_scores(table: pa.Table, kind: str | None, path: str | Path = "head scores",
+                      beside: bool = False, columns: Sequence[str] = ()) -> HeadScores:
+    """The head scores of a table with layer, head, score and (optionally) kind columns, as
+    the engine's `head_scores.parquet` holds them: the one parser of that format, used by the
+    overlap, knockout and patching stages (through `read_head_scores` for a file).
+
+    Raises:
+        InteropError: a column is missing, no row has `kind`, a head is listed twice or a
+            value is not a number; the message names `path` and the row.
+
+    `beside`: the table was read from `path`, and per-example scores are read from the
+    `head_examples.parquet` beside it when there is one. `columns`: the columns required
+    besides layer, head and score (the engine's own tables: kind and n_examples).
+    """
+    path = Path(path)
+    missing = [c for c in dict.fromkeys(("layer", "head", "score", *columns)) if c not in table.column_names]
     if missing:
         raise InteropError(f"{path}: missing column(s) {missing}; has {table.column_names}")
     rows = table.to_pylist()
@@ -243,7 +266,7 @@ def _read_table(path: Path, kind: str | None) -> HeadScores:
         scores[head] = math.nan if r["score"] is None else float(r["score"])
     if not scores:
         raise InteropError(f"{path}: no heads")
-    per_example = _table_examples(path.parent / "head_examples.parquet", kind, scores)
+    per_example = _table_examples(path.parent / "head_examples.parquet", kind, scores) if beside else None
     complete = len(scores) == math.prod(_shape(scores))
     return HeadScores(scores, per_example, ranked_only=False, complete=complete, source=str(path), format="table")
 

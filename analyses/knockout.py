@@ -36,6 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from analyses import interop
 from engine.config import EvaluateConfig, KnockoutConfig
 from engine.evaluate import EvalJob, ModelRef, run_jobs
 from engine.head_scores import Head
@@ -82,23 +83,10 @@ def ranked_heads(head_scores: pa.Table, kind: str, source: str = "head_scores") 
         kind: "retrieval" or "insight".
         source: file name for error messages.
     """
-    missing = {"layer", "head", "kind", "score"} - set(head_scores.column_names)
-    if missing:
-        raise KnockoutError(f"{source}: missing column(s) {sorted(missing)}")
-    rows = head_scores.filter(pc.equal(head_scores["kind"], kind)).to_pylist()
-    if not rows:
-        kinds = sorted(set(head_scores["kind"].to_pylist()))
-        raise KnockoutError(f"{source}: no {kind!r} scores (kinds present: {kinds})")
-    heads = {(int(r["layer"]), int(r["head"])): r["score"] for r in rows}
-    if len(heads) != len(rows):
-        raise KnockoutError(f"{source}: a head appears twice for kind {kind!r}")
-
-    def key(head):
-        score = heads[head]
-        counted = score is not None and not np.isnan(score)
-        return (not counted, -score if counted else 0.0, head)
-
-    return sorted(heads, key=key)
+    try:
+        return interop.table_head_scores(head_scores, kind, source, columns=("kind",)).ranking()
+    except interop.InteropError as err:
+        raise KnockoutError(str(err)) from None
 
 
 def external_ranking(heads_from: str, kind: str, model_heads: Sequence[Head]) -> tuple[list[Head], int]:
@@ -108,9 +96,7 @@ def external_ranking(heads_from: str, kind: str, model_heads: Sequence[Head]) ->
     Raises:
         KnockoutError: the file names a head the model does not have.
     """
-    from analyses.interop import read_head_scores
-
-    external = read_head_scores(heads_from, kind=kind)
+    external = interop.read_head_scores(heads_from, kind=kind)
     known = set(model_heads)
     outside = [h for h in external.scores if h not in known]
     if outside:

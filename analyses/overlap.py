@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from analyses import interop
 from engine import layout
 from engine.config import label_variant
 from engine.stats import spearman_permutation
@@ -35,7 +36,6 @@ from engine.store import atomic_dir, write_parquet
 from tasks import PAPER_TASKS, head_kind
 
 KIND_BY_TASK = {name: head_kind(name) for name in PAPER_TASKS}  # as each task module states it
-HEAD_SCORE_COLUMNS = ("layer", "head", "kind", "score", "n_examples")
 REFERENCE = "real"
 # The reference is trivially perfect against itself (its other seeds nearly so) and `base`
 # was never trained on any variant's data, so neither is a point in the correlation across
@@ -60,7 +60,8 @@ class SpearmanResult:
 
 
 def read_head_scores(path: str | Path, kind: str) -> dict[Head, float]:
-    """Reads one model's head scores of one kind.
+    """Reads one model's head scores of one kind (`analyses.interop.read_head_scores`, the
+    one reader of head-score files).
 
     Args:
         path: a `head_scores.parquet` (layer, head, kind, score, n_examples).
@@ -73,24 +74,10 @@ def read_head_scores(path: str | Path, kind: str) -> dict[Head, float]:
         OverlapError: the file is missing, lacks a column, has no row of `kind`, or lists a
             head twice.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise OverlapError(f"head scores not found: {path}")
-    table = pq.read_table(path)
-    missing = [c for c in HEAD_SCORE_COLUMNS if c not in table.column_names]
-    if missing:
-        raise OverlapError(f"{path}: missing column(s) {missing}; has {table.column_names}")
-    rows = [r for r in table.select(["layer", "head", "kind", "score"]).to_pylist() if r["kind"] == kind]
-    if not rows:
-        kinds = sorted(set(table.column("kind").to_pylist()))
-        raise OverlapError(f"{path}: no head scores of kind {kind!r} (kinds present: {kinds})")
-    scores: dict[Head, float] = {}
-    for i, r in enumerate(rows):
-        head = (int(r["layer"]), int(r["head"]))
-        if head in scores:
-            raise OverlapError(f"{path}: head {head[0]}.{head[1]} listed twice for kind {kind!r} (row {i})")
-        scores[head] = float(r["score"])
-    return scores
+    try:
+        return dict(interop.read_head_scores(path, kind, columns=interop.ENGINE_COLUMNS).scores)
+    except interop.InteropError as err:
+        raise OverlapError(str(err)) from None
 
 
 def score_grid(scores: Mapping[Head, float], shape: tuple[int, int]) -> np.ndarray:

@@ -37,8 +37,8 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
+from analyses import interop
 from analyses.knockout import example_f1, head_label
 from engine.config import EvaluateConfig, PatchingConfig
 from engine.evaluate import EvalJob, ModelRef, read_examples, run_jobs
@@ -101,18 +101,11 @@ class PatchRun:
 
 def scored_heads(path: str, kind: str) -> tuple[frozenset[Head], tuple[Head, ...]]:
     """Heads with score > 0 of `kind` in a head_scores.parquet, and every head listed there."""
-    table = read_parquet(path)
-    missing = {"layer", "head", "kind", "score"} - set(table.column_names)
-    if missing:
-        raise PatchingError(f"{path}: missing column(s) {sorted(missing)}")
-    rows = table.filter(pc.equal(table["kind"], kind)).to_pylist()
-    if not rows:
-        raise PatchingError(f"{path}: no {kind!r} scores (kinds present: {sorted(set(table['kind'].to_pylist()))})")
-    every = tuple(sorted((int(r["layer"]), int(r["head"])) for r in rows))
-    positive = frozenset(
-        (int(r["layer"]), int(r["head"])) for r in rows if r["score"] is not None and r["score"] > 0
-    )
-    return positive, every
+    try:
+        scores = interop.read_head_scores(path, kind, columns=("kind",))
+    except interop.InteropError as err:
+        raise PatchingError(str(err)) from None
+    return scores.head_set(), tuple(sorted(scores.scores))
 
 
 def head_sets(source_scores: str, target_scores: str, kind: str, heads_from: str | None = None) -> HeadSets:
@@ -122,9 +115,7 @@ def head_sets(source_scores: str, target_scores: str, kind: str, heads_from: str
     if every_real != every_target:
         raise PatchingError(f"{source_scores} and {target_scores} list different heads; models do not match")
     if heads_from is not None:
-        from analyses.interop import read_head_scores
-
-        real = read_head_scores(heads_from, kind=kind).head_set()
+        real = interop.read_head_scores(heads_from, kind=kind).head_set()
         outside = sorted(real - set(every_target))
         if outside:
             raise PatchingError(f"{heads_from}: head {outside[0][0]}-{outside[0][1]} is not a head of the model "
