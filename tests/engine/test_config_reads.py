@@ -189,3 +189,15 @@ def test_a_field_only_hashed_or_validated_is_not_a_read():
     assert tracer.reads == {("EvaluateConfig", "num_actors"), ("EvaluateConfig", "cpus_per_actor"),
                             ("EvaluateConfig", "gpus_per_actor")}
     assert "__getattribute__" not in vars(EvaluateConfig)  # the classes are themselves again
+
+
+def test_a_field_that_no_stage_reads_fails_the_check(reads, monkeypatch):
+    """A key added to a section and read by nothing is what the check exists to catch: the
+    same traced run, against the evaluate section with one more field, names that field alone."""
+
+    @dataclasses.dataclass(frozen=True)
+    class EvaluateConfig(engine.config.EvaluateConfig):  # the traced reads are keyed by class name
+        unused_knob: int = 0
+
+    monkeypatch.setattr(sys.modules[__name__], "CLASSES", (EvaluateConfig,))
+    assert unread(reads) == ["EvaluateConfig.unused_knob"]
