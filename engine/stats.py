@@ -99,6 +99,13 @@ def paired_p_value(a: Sequence[float], b: Sequence[float], seed: int = SEED,
     d = d[d != 0]
     if d.size == 0:
         return 1.0
+    if d.size == 1:  # two sign flips, d and -d (scipy's test needs two observations)
+        flips = np.array([d[0], -d[0]])
+        if alternative == "greater":
+            return float(np.mean(flips >= d[0]))
+        if alternative == "less":
+            return float(np.mean(flips <= d[0]))
+        return 1.0
     res = stats.permutation_test((d,), np.mean, permutation_type="samples", alternative=alternative,
                                  n_resamples=9999, random_state=seed)
     return float(res.pvalue)

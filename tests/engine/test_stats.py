@@ -50,6 +50,10 @@ def test_paired_p_value_is_the_exact_sign_flip_test(seed):
 
 def test_paired_p_value_edge_cases():
     assert paired_p_value([1, 1], [1, 1]) == 1.0
+    # one untied pair: its two sign flips, +0.5 and -0.5 (a knockout on which one example differs)
+    assert paired_p_value([1, 1, 1], [1, 0.5, 1]) == 1.0
+    assert paired_p_value([1, 1, 1], [1, 0.5, 1], alternative="greater") == 0.5
+    assert paired_p_value([1, 1, 1], [1, 0.5, 1], alternative="less") == 1.0
     assert math.isnan(paired_p_value([], []))
 
 
