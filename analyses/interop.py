@@ -105,12 +105,11 @@ class HeadScores:
 # --------------------------------------------------------------------------- reading
 
 
-TABLE_COLUMNS = ("layer", "head", "score")  # what a table of another tool must have
-ENGINE_COLUMNS = ("layer", "head", "kind", "score", "n_examples")  # the engine's head_scores.parquet
+ENGINE_COLUMNS = ("kind", "n_examples")  # what the engine's head_scores.parquet has besides layer, head, score
 
 
 def read_head_scores(path: str | Path, kind: str | None = None,
-                     columns: Sequence[str] = TABLE_COLUMNS) -> HeadScores:
+                     columns: Sequence[str] = ()) -> HeadScores:
     """Reads head scores from a Retrieval_Head/HeadKV JSON, a QRHead YAML or JSON list, a
     Parquet or CSV table, or an evaluation directory.
 
@@ -240,7 +239,7 @@ def table_head_scores(table: pa.Table, kind: str | None, path: str | Path = "hea
     besides layer, head and score (the engine's own tables: kind and n_examples).
     """
     path = Path(path)
-    missing = [c for c in dict.fromkeys(("layer", "head", "score", *columns)) if c not in table.column_names]
+    missing = [c for c in ("layer", "head", "score", *columns) if c not in table.column_names]
     if missing:
         raise InteropError(f"{path}: missing column(s) {missing}; has {table.column_names}")
     rows = table.to_pylist()

@@ -85,7 +85,7 @@ def patching_summary(rows: list[dict]) -> dict[str, dict[str, float]]:
 
 def task_grids(run: Path, task: str) -> tuple[str, dict[str, np.ndarray]]:
     counts = read(layout.overlap(run, task) / "counts.parquet") or []
-    kind = counts[0]["kind"] if counts else default_head_kind(task)
+    kind = counts[0]["kind"] if counts else head_kind(task)
     tables = {v: read(layout.head_scores(run, task, v)) for v in variants(run, [task])}
     tables = {v: [r for r in t if r["kind"] == kind] for v, t in tables.items() if t}
     tables = {v: t for v, t in tables.items() if t}
@@ -128,12 +128,6 @@ def tasks(run: Path) -> list[str]:
 
 def variants(run: Path, tasks: list[str]) -> list[str]:
     return ordered_names({v for t in tasks for v in subdirs(layout.evaluated_labels(run, t))})
-
-
-def default_head_kind(task: str) -> str:
-    """The head score a task's H_X is defined by, as the task module states it (`HEAD_KIND`);
-    "retrieval" for a task the registry does not know."""
-    return head_kind(task)
 
 
 def base(label: str) -> str:

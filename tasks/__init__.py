@@ -10,7 +10,6 @@ Example:
 
 from __future__ import annotations
 
-from types import ModuleType
 from typing import Protocol, runtime_checkable
 
 from tasks import mdqa, musique, needle, summhay
@@ -55,7 +54,7 @@ VARIANTS = ("real", "real_limited", "hh", "hl", "lh", "ll", "symbolic")  # + "ba
 VARIANT_ORDER = (*VARIANTS, "base")  # the paper's order of variants in every table
 
 
-def get_task(name: str) -> Task | ModuleType:
+def get_task(name: str) -> Task:
     """The task module registered as `name`; unknown names list the valid ones."""
     try:
         return TASKS[name]

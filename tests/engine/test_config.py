@@ -346,8 +346,8 @@ def test_scoring_readings_default_to_the_papers_and_key_the_evaluation(tmp_path)
 
 
 def test_run_labels_format_and_parse_back():
-    from engine.artifacts import default_head_kind
     from engine.config import label_variant, run_label
+    from tasks import head_kind
 
     assert run_label("hh") == "hh"
     assert run_label("hh", 1, (("train.lr", 0.0001), ("train.epochs", 2))) == "hh-s1@lr=0.0001@epochs=2"
@@ -356,5 +356,5 @@ def test_run_labels_format_and_parse_back():
         assert label_variant(label) == "hh"
     assert label_variant("real_limited_l1-s0") == "real_limited_l1"
     # the head kind a task defines H_X by comes from the task module
-    assert [default_head_kind(t) for t in ("mdqa", "musique", "summhay", "needle", "other")] == \
+    assert [head_kind(t) for t in ("mdqa", "musique", "summhay", "needle", "other")] == \
         ["retrieval", "retrieval", "insight", "retrieval", "retrieval"]
