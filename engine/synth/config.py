@@ -20,6 +20,11 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+# How the hf backend draws sampled tokens, part of its cache keys since a change of it changes
+# what a seed writes. 1: rows sampled one at a time under torch.manual_seed; 2: each row from its
+# own generator inside a batch (engine.synth.hf.RowSampler).
+HF_SAMPLER_VERSION = 2
+
 BACKENDS = ("template", "hf", "http", "vllm")
 ON_INVALID = ("fallback", "raise")
 
@@ -85,13 +90,16 @@ class SynthConfig:
 
     def identity(self) -> dict[str, Any]:
         """What changes the generated text; part of every cache key (concurrency does not)."""
-        return dict(
+        identity = dict(
             backend=self.backend,
             model=self.model,
             max_tokens=self.max_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
         )
+        if self.backend == "hf" and self.temperature > 0:
+            identity["sampler"] = HF_SAMPLER_VERSION
+        return identity
 
 
 def synth_config_from_dict(data: dict, source: str = "synth") -> SynthConfig:

@@ -4,9 +4,10 @@
 runs it with `Dataset.map_batches` over a fixed pool of `concurrency` actors, each loading
 the model once, as every stage loads a model: from a `ModelConfig` (`synth_model`), placed by
 `engine.placement.resolve_placement` for the actor's `num_gpus` (bfloat16 and FlashAttention-2
-on a GPU where they run, float32 and SDPA on the CPU). Greedy decoding (temperature 0) is batched; sampling runs row by row under
-`torch.manual_seed(seed)`, so a row's text depends only on its own seed, never on which
-rows shared its batch (the cache key assumes exactly that).
+on a GPU where they run, float32 and SDPA on the CPU). Decoding is batched, greedy or sampled:
+sampling draws each row's tokens from its own `torch.Generator` seeded by the row's seed
+(`RowSampler`, a logits processor ahead of a greedy pick), so a row's text depends only on its
+own prompt and seed, never on which rows shared its batch (the cache key assumes exactly that).
 
 Example:
     >>> backend = HFBackend(SynthConfig(backend="hf", model="Qwen/Qwen2.5-0.5B-Instruct",
@@ -20,6 +21,8 @@ import json
 import os
 
 import numpy as np
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from engine.config import ModelConfig
 from engine.synth.config import SynthConfig
@@ -41,6 +44,27 @@ def render_chat(tokenizer, chat: list[dict]) -> str:
     return "\n".join(lines) + "\nassistant:"
 
 
+class RowSampler(LogitsProcessor):
+    """Samples the next token of each row from its own generator, with temperature and top-p
+    (the smallest set of tokens whose probability reaches `top_p`), and leaves every other
+    token at -inf, so that a greedy `generate` emits exactly the sampled tokens."""
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float, device):
+        self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+        self.temperature = temperature
+        self.top_p = top_p
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            ordered, order = probs.sort(dim=-1, descending=True)
+            drop = ordered.cumsum(dim=-1) - ordered >= self.top_p  # the mass before a token already reaches top_p
+            probs = probs.scatter(-1, order, ordered.masked_fill(drop, 0.0))
+        picked = torch.stack([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self.generators)])
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter(-1, picked, 0.0)
+
+
 class HFGenerator:
     """Loads a causal LM once and generates for batches of rows {index, chat, seed}."""
 
@@ -53,8 +77,6 @@ class HFGenerator:
         gpus: float = 0,
         torch_threads: int = 1,
     ):
-        import torch
-
         from engine.models import load_tokenizer
         from engine.placement import load_configured, resolve_placement
 
@@ -69,34 +91,24 @@ class HFGenerator:
         self.temperature = temperature
         self.top_p = top_p
 
-    def _generate(self, prompts: list[str], sample: bool) -> list[str]:
-        import torch
-
+    def _generate(self, prompts: list[str], seeds: list[int] | None) -> list[str]:
         templated = bool(getattr(self.tokenizer, "chat_template", None))
         enc = self.tokenizer(
             prompts, return_tensors="pt", padding=True, add_special_tokens=not templated
         ).to(self.device)
-        kwargs = dict(max_new_tokens=self.max_tokens, pad_token_id=self.tokenizer.pad_token_id)
-        if sample:
-            kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p)
-        else:
-            kwargs.update(do_sample=False)
+        kwargs = dict(max_new_tokens=self.max_tokens, pad_token_id=self.tokenizer.pad_token_id, do_sample=False,
+                      temperature=None, top_p=None, top_k=None)  # no warpers from the model's generation config
+        if seeds is not None:
+            kwargs["logits_processor"] = LogitsProcessorList(
+                [RowSampler(seeds, self.temperature, self.top_p, self.device)])
         with torch.inference_mode():
             out = self.model.generate(**enc, **kwargs)  # [batch, prompt + new]
         new = out[:, enc["input_ids"].shape[1] :]
         return self.tokenizer.batch_decode(new, skip_special_tokens=True)
 
     def generate(self, chats: list[list[dict]], seeds: list[int]) -> list[str]:
-        import torch
-
         prompts = [render_chat(self.tokenizer, c) for c in chats]
-        if self.temperature == 0:
-            return self._generate(prompts, sample=False)
-        texts = []
-        for prompt, seed in zip(prompts, seeds):
-            torch.manual_seed(int(seed))
-            texts += self._generate([prompt], sample=True)
-        return texts
+        return self._generate(prompts, None if self.temperature == 0 else [int(s) for s in seeds])
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import ray

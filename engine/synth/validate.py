@@ -3,7 +3,8 @@
 A generated text is kept only if it still does its job in the dataset: a paraphrased
 needle must still contain the answer verbatim (the retrieval score needs the answer span in
 the context), a fictional paragraph must parse into title/paragraph(/question/answer) with
-the answer inside the paragraph, a split insight must have exactly the asked number of
+the answer inside the paragraph (a paragraph asked for without a question may come bare, without
+its labels, and is then titled by its entity; a last sentence cut short by max_tokens is dropped), a split insight must have exactly the asked number of
 sentences. The returned text is canonical, so tasks parse it with `parse_paragraph` and
 `split_lines` below, whether it came from an LLM or from the request's template.
 
@@ -30,6 +31,8 @@ _LABEL = re.compile(r"^(?:here is[^:\n]*|sentence|rewritten sentence|paraphrase[
                     r"simplified(?: sentence)?|statement|output)\s*:\s*", re.IGNORECASE)
 _NUMBERING = re.compile(r"^\s*(?:\d+[.)]|[-*\u2022])\s*")
 _FIELD = re.compile(r"^\s*(title|paragraph|question|answer)\s*:\s*(.*)$", re.IGNORECASE)
+_SENTENCE_END = re.compile(r"[.!?][\"'\u201d\u2019)]*$")
+_SENTENCE_BREAK = re.compile(r"[.!?][\"'\u201d\u2019)]*(?=\s)")
 _QUOTES = "\"'\u201c\u201d\u2018\u2019`"
 
 
@@ -138,12 +141,33 @@ def check_entity_sentence(r: SynthRequest, raw: str) -> Verdict:
     return _sentence(_first_line(raw), source, (r.field("value"), r.field("entity")))
 
 
+def complete_sentences(text: str) -> str:
+    """`text` without a last sentence cut short (a reply stopped by max_tokens); unchanged when
+    it ends a sentence or holds no complete one."""
+    text = text.strip()
+    if _SENTENCE_END.search(text):
+        return text
+    cuts = [m.end() for m in _SENTENCE_BREAK.finditer(text)]
+    return text[: cuts[-1]].strip() if cuts else text
+
+
 def check_fictional_paragraph(r: SynthRequest, raw: str) -> Verdict:
-    try:
-        p = parse_paragraph(clean(raw))
-    except ValueError as e:
-        return Verdict(None, f"unparsable: {e}")
     want_qa = r.get("qa", "no") == "yes"
+    text = clean(raw)
+    if not want_qa and not any(_FIELD.match(line) for line in text.splitlines()):
+        # a reply of the paragraph alone, without the asked labels (small models often write
+        # one): the title is the entity the request is about
+        p = Paragraph(title=r.field("entity"), paragraph=" ".join(text.split()))
+        if not p.paragraph:
+            return Verdict(None, "empty")
+        if p.title not in p.paragraph:
+            return Verdict(None, "entity missing")
+    else:
+        try:
+            p = parse_paragraph(text)
+        except ValueError as e:
+            return Verdict(None, f"unparsable: {e}")
+    p = Paragraph(p.title, complete_sentences(p.paragraph), p.question, p.answer)
     if want_qa and p.question is None:
         return Verdict(None, "unparsable: missing question")
     entity = r.field("entity")

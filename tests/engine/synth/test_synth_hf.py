@@ -30,21 +30,39 @@ def tiny_llama(tmp_path_factory):
 
 
 def reference(path, chats, max_new_tokens, seeds=None, temperature=0.0, top_p=1.0):
-    """Each chat alone, unpadded, through `model.generate`, rendered as a plain transcript."""
+    """Each chat alone, unpadded, rendered as a plain transcript: greedy through `model.generate`;
+    sampled by a hand loop of full forwards (no cache), drawing each token from the softmax at
+    `temperature`, cut to top-p by hand, with a generator seeded by the row's seed."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
+    eos = model.generation_config.eos_token_id
     out = []
     for i, chat in enumerate(chats):
         prompt = "".join(f"{m['role']}: {m['content']}\n" for m in chat) + "assistant:"
-        ids = tok(prompt, return_tensors="pt")
-        kwargs = dict(do_sample=False)
-        if seeds is not None:
-            torch.manual_seed(seeds[i])
-            kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p)
-        gen = model.generate(**ids, max_new_tokens=max_new_tokens, pad_token_id=0, **kwargs)
-        out.append(tok.decode(gen[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
+        ids = tok(prompt, return_tensors="pt")["input_ids"]
+        if seeds is None:
+            gen = model.generate(input_ids=ids, max_new_tokens=max_new_tokens, pad_token_id=0, do_sample=False)
+            out.append(tok.decode(gen[0, ids.shape[1] :], skip_special_tokens=True))
+            continue
+        g = torch.Generator().manual_seed(seeds[i])
+        new = []
+        with torch.no_grad():
+            for _ in range(max_new_tokens):
+                logits = model(torch.cat([ids, torch.tensor([new], dtype=torch.long)], dim=1)).logits[0, -1]
+                probs = torch.softmax(logits / temperature, dim=-1).tolist()
+                kept, mass = set(), 0.0
+                for t in sorted(range(len(probs)), key=lambda t: -probs[t]):
+                    if mass >= top_p:
+                        break
+                    kept.add(t)
+                    mass += probs[t]
+                p = torch.tensor([q if t in kept else 0.0 for t, q in enumerate(probs)])
+                new.append(int(torch.multinomial(p, 1, generator=g)))
+                if new[-1] == eos:
+                    break
+        out.append(tok.decode(new, skip_special_tokens=True))
     return out
 
 
@@ -72,14 +90,17 @@ def test_hf_backend_greedy_matches_model_generate_in_ray_actors(ray_cluster, tin
         assert int(pid) != os.getpid() and actor != "None"  # ran in a Ray actor, not in the driver
 
 
-def test_hf_generator_sampling_follows_each_rows_seed(tiny_llama):
-    # the actor class is plain Python: sampling is checked without Ray
-    chats = [[{"role": "user", "content": "Say something."}]] * 2 + [[{"role": "user", "content": "Other."}]]
+@pytest.mark.parametrize("top_p", [1.0, 0.3])
+def test_hf_generator_samples_each_row_of_a_batch_from_its_own_seed(tiny_llama, top_p):
+    # the actor class is plain Python: sampling is checked without Ray. The batch pads its
+    # rows (prompts of different lengths), the reference runs each row alone.
+    chats = [[{"role": "user", "content": "Say something."}]] * 2 + [[{"role": "user", "content": "Other, longer."}]]
     seeds = [5, 6, 5]
-    generator = HFGenerator(ModelConfig("tiny", tiny_llama), max_tokens=6, temperature=1.0, top_p=1.0)
+    generator = HFGenerator(ModelConfig("tiny", tiny_llama), max_tokens=6, temperature=1.5, top_p=top_p)
     texts = generator.generate(chats, seeds)
-    assert texts == reference(tiny_llama, chats, 6, seeds=seeds, temperature=1.0)
+    assert texts == reference(tiny_llama, chats, 6, seeds=seeds, temperature=1.5, top_p=top_p)
     assert texts[0] != texts[1]  # same prompt, different seeds
+    assert generator.generate(chats[1:2], seeds[1:2]) == texts[1:2]  # a row's text does not depend on its batch
 
 
 def test_hf_synthesizer_validates_retries_and_caches(ray_cluster, tiny_llama, tmp_path):

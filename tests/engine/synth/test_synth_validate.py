@@ -59,6 +59,22 @@ def test_fictional_paragraph_without_qa_round_trips_through_format():
         parse_paragraph("Title: only a title")
 
 
+def test_fictional_paragraph_without_qa_may_come_bare_and_loses_a_cut_last_sentence():
+    r = make_request("fictional_paragraph", template="", entity="Quill Harbor", answer="Ossa Vey")
+    bare = 'Quill Harbor is a port town.\nIts harbor master is Ossa Vey. Ships from the "north'
+    assert check(r, bare).text == "Title: Quill Harbor\nParagraph: Quill Harbor is a port town. Its harbor master is Ossa Vey."
+    # the cut sentence held the answer, which the kept paragraph must contain
+    assert check(r, "Quill Harbor is a port town. It was built by Ossa Vey").reason == "answer missing"
+    assert check(r, "Quill Harbor, built by Ossa Vey").text == "Title: Quill Harbor\nParagraph: Quill Harbor, built by Ossa Vey"
+    assert check(r, 'Ossa Vey said "no."').reason == "entity missing"
+    assert check(r, "Title: Quill Harbor\nParagraph: Ossa Vey runs it. And the").text == (
+        "Title: Quill Harbor\nParagraph: Ossa Vey runs it."
+    )
+    assert check(r, "  ").reason == "empty"
+    with_qa = make_request("fictional_paragraph", template="", entity="Quill Harbor", qa="yes")
+    assert check(with_qa, "Quill Harbor is a port town.").reason == "unparsable: missing title"
+
+
 def test_entity_sentence_and_insights():
     r = make_request("entity_sentence", template="", entity="Zorb Kel", relation="mother", value="Ilsa Varn")
     assert check(r, "Zorb Kel was raised by his mother, Ilsa Varn.").ok
