@@ -61,7 +61,10 @@ def build_task_data(task: str, variant: str, *, sources: dict, options: dict, to
         seed: seeds every random choice.
         out_dir: the dataset directory (Parquet files, build.json, stats.json); replaced
             whole when the build succeeds, untouched when it fails.
-        synth: synthesizer for LLM-written text, or None for templates.
+        synth: synthesizer for LLM-written text, or None for templates; a fresh one per
+            dataset, since its report (recorded in build.json and stats.json as `synthesis`:
+            requests, valid first try, recovered by a retry, fallback to templates, and why)
+            counts everything it generated.
     """
     module = get_task(task)
     kind = variant_kind(variant)
@@ -87,6 +90,8 @@ def build_task_data(task: str, variant: str, *, sources: dict, options: dict, to
     meta = {"task": task, "variant": variant, "target_tokens": target_tokens, "seed": seed, "dropped": dropped,
             "n_requested": {"train_val": n_train, "eval": n_eval if variant == "real" else 0},
             "provenance": provenance(seeds={"data": seed})}
+    if synth is not None and synth.report["requests"]:
+        meta["synthesis"] = synth.report  # how much of the text the LLM wrote, and why the rest is templates
     with atomic_dir(out_dir) as tmp:
         write_parquet(to_table(examples[n_val:]), tmp / "train.parquet")
         write_parquet(to_table(examples[:n_val]), tmp / "val.parquet")
@@ -166,7 +171,7 @@ def dataset_stats(dir) -> dict:
         raise DataError(f"{dir}: not a dataset directory (no {', '.join(f'{s}.parquet' for s in SPLITS)})")
     return {"dir": str(dir), "task": build.get("task"), "variant": build.get("variant"),
             "target_tokens": build.get("target_tokens"), "splits": splits, "dropped": build.get("dropped", {}),
-            "provenance": build.get("provenance")}
+            "synthesis": build.get("synthesis"), "provenance": build.get("provenance")}
 
 
 # Examples are dropped while a build draws them, before the train / val split is made: the
@@ -199,4 +204,14 @@ def render_stats(stats: dict):
             continue
         for reason, count in sorted(reasons.items()) or [("none", 0)]:
             dropped.add_row(label, reason, str(count))
-    return Group(table, dropped) if dropped.row_count else table
+    parts = [table] + ([dropped] if dropped.row_count else [])
+    synthesis = stats.get("synthesis")
+    if synthesis and synthesis["backend"] == "template":
+        parts.append(f"synthesis: {synthesis['requests']} texts from their templates (synth.backend: template)")
+    elif synthesis:
+        written = synthesis["valid_first_try"] + synthesis["recovered"]
+        parts.append(f"synthesis ({synthesis['backend']}, {synthesis['model']}): {written} of "
+                     f"{synthesis['requests']} texts written by the model ({synthesis['valid_first_try']} valid on "
+                     f"the first try, {synthesis['recovered']} on a retry), {synthesis['fallback']} templates, "
+                     f"{synthesis['cache_hits']} from the cache")
+    return Group(*parts) if len(parts) > 1 else table

@@ -216,14 +216,13 @@ def build_data(experiment: Experiment, store: RunStore, runs: Sequence[Run], bas
     if not order:
         return
     tokenizer = load_tokenizer(base_model, trust_remote_code=experiment.model.trust_remote_code)
-    synth = make_synth(experiment, store) if any(r.variant in cfg.SYNTHETIC_VARIANTS for r in order) else None
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=console)
     with progress, plain_lines(progress, "data"):
         bar = progress.add_task(f"data {len(order)} dataset(s)", total=len(order))
         for run in order:
             build_variant_data(experiment, store, run, tokenizer, base_model,
-                               synth if run.variant in cfg.SYNTHETIC_VARIANTS else None)
+                               make_synth(experiment, store) if run.variant in cfg.SYNTHETIC_VARIANTS else None)
             progress.advance(bar)
 
 

@@ -193,6 +193,29 @@ def _variant_trial(config: dict, specs: list[TrainSpec], callbacks: Sequence, bo
     tune.report({"final_checkpoint": result.checkpoint.path, "seconds": time.perf_counter() - started})
 
 
+def check_train_data(specs: Sequence[TrainSpec]) -> None:
+    """Tokenizes every spec's splits here, as its workers will, so that data they cannot train
+    on (an example longer than `train.max_length`, a missing column) fails in seconds, naming
+    the file and row, before any run starts.
+
+    Raises:
+        TrainDataError: the first unusable split, with the setting to change.
+    """
+    from engine.models import load_tokenizer
+    from engine.train_worker import TrainDataError, training_sets
+
+    tokenizers: dict[tuple[str, bool], object] = {}
+    for spec in specs:
+        key = (spec.model.path, spec.model.trust_remote_code)
+        if key not in tokenizers:
+            tokenizers[key] = load_tokenizer(spec.model.path, trust_remote_code=spec.model.trust_remote_code)
+        try:
+            training_sets(spec, tokenizers[key])
+        except TrainDataError as err:
+            hint = " (raise train.max_length, or lower the task's target_tokens)" if "max_length" in str(err) else ""
+            raise TrainDataError(f"{spec.name}: {err}{hint}") from err
+
+
 def train_all(
     specs: Sequence[TrainSpec],
     *,
@@ -228,6 +251,7 @@ def train_all(
             todo.append(i)
         else:
             results[i] = result_from_done(spec, done, skipped=True)
+    check_train_data([specs[i] for i in todo])
     # Longest first: a long run started last would finish alone while the others idle.
     todo.sort(key=lambda i: -estimated_work(specs[i]))
     if todo:

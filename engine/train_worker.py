@@ -121,6 +121,22 @@ def load_examples(path: str, tokenizer, max_length: int, chat_template: bool = F
             for i, r in enumerate(rows)]
 
 
+def training_sets(spec: TrainSpec, tokenizer=None) -> tuple[object, list[dict], list[dict] | None]:
+    """The tokenizer (padding on the right, so positions start at 0 in every training sequence)
+    and the tokenized train and validation splits of `spec`, as the worker trains on them.
+
+    Raises:
+        TrainDataError: a split cannot be used (names the file and row).
+    """
+    if tokenizer is None:
+        tokenizer = load_tokenizer(spec.model.path, trust_remote_code=spec.model.trust_remote_code)
+    tokenizer.padding_side = "right"
+    chat = has_chat_template(tokenizer) if spec.model.chat_template is None else spec.model.chat_template
+    train_set = load_examples(spec.train_path, tokenizer, spec.train.max_length, chat)
+    val_set = load_examples(spec.val_path, tokenizer, spec.train.max_length, chat) if spec.val_path else None
+    return tokenizer, train_set, val_set
+
+
 def training_arguments(spec: TrainSpec, output_dir: str, placement: Placement) -> TrainingArguments:
     """HF TrainingArguments for `spec`: the train section, mixed precision in the placement's
     16-bit dtype on a GPU, DeepSpeed when asked."""
@@ -235,11 +251,7 @@ def train_loop_per_worker(config: dict) -> None:
     rank = _world_rank(in_ray)
     placement = resolve_placement(spec.model, gpus=train.gpus_per_worker)
 
-    tokenizer = load_tokenizer(spec.model.path, trust_remote_code=spec.model.trust_remote_code)
-    tokenizer.padding_side = "right"  # positions must start at 0 for every training sequence
-    chat = has_chat_template(tokenizer) if spec.model.chat_template is None else spec.model.chat_template
-    train_set = load_examples(spec.train_path, tokenizer, train.max_length, chat)
-    val_set = load_examples(spec.val_path, tokenizer, train.max_length, chat) if spec.val_path else None
+    tokenizer, train_set, val_set = training_sets(spec)
 
     set_seed(spec.seed)  # same LoRA initialisation on every rank
     # On the CPU here: the Trainer moves it to the worker's device (DeepSpeed, shard by shard).

@@ -48,6 +48,54 @@ def test_val_fraction_and_synthetic(tmp_path):
     assert 0.98 * 800 <= stats["splits"]["val"]["n_tokens"]["min"] <= stats["splits"]["val"]["n_tokens"]["max"] <= 800
 
 
+class FirstOnly:
+    """A backend that writes one valid paragraph (the first chat of its first call, bare,
+    from the entity and answer its prompt names) and nonsense for everything else."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def complete(self, chats, seeds):
+        import re
+
+        self.calls += 1
+        out = ["nonsense"] * len(chats)
+        if self.calls == 1:
+            prompt = chats[0][-1]["content"]
+            entity = re.search(r'about "([^"]+)"', prompt).group(1)
+            answer = re.search(r'must contain the exact text "([^"]+)"', prompt).group(1)
+            out[0] = f"{entity} is an old town. Its keeper is {answer}."
+        return out
+
+
+def test_a_synthetic_build_records_how_much_the_llm_wrote(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from engine.synth import SynthConfig, Synthesizer
+    from tiny import char_tokenizer
+
+    n = 6
+    synth = Synthesizer(SynthConfig(backend="hf", model="m", temperature=1.0, max_retries=1), tmp_path / "cache",
+                        backend=FirstOnly(), show_progress=False)
+    stats = build_task_data("mdqa", "hl", sources={}, options={}, tokenizer=char_tokenizer(), target_tokens=1500,
+                            n_train=n, n_eval=0, seed=0, out_dir=tmp_path / "hl", synth=synth)
+    record = json.loads((tmp_path / "hl" / "build.json").read_text())["synthesis"]
+    assert stats["synthesis"] == record
+    counts = {k: record[k] for k in ("requests", "valid_first_try", "recovered", "fallback", "generated",
+                                     "invalid_outputs", "retried", "cache_hits")}
+    assert counts == {"requests": n, "valid_first_try": 1, "recovered": 0, "fallback": n - 1,
+                      "generated": n + (n - 1), "invalid_outputs": 2 * (n - 1), "retried": n - 1, "cache_hits": 0}
+    console = Console(file=io.StringIO(), width=200)
+    console.print(render_stats(stats))
+    assert f"synthesis (hf, m): 1 of {n} texts written by the model (1 valid on the first try, 0 on a retry), " \
+           f"{n - 1} templates, 0 from the cache" in console.file.getvalue()
+    templated = build_task_data("mdqa", "ll", sources={}, options={}, tokenizer=char_tokenizer(), target_tokens=800,
+                                n_train=n, n_eval=0, seed=0, out_dir=tmp_path / "ll")
+    assert templated["synthesis"] is None  # no synthesizer, no record
+
+
 def test_empty_dataset_is_one_clear_error_and_writes_nothing(tmp_path):
     from engine.data import build_task_data
     from tasks.build import DataError

@@ -176,6 +176,22 @@ def test_bad_training_data_names_file_and_row(tiny_checkpoints, tmp_path):
         load_examples(str(path), tokenizer, 64)
 
 
+def test_train_all_refuses_data_longer_than_max_length_before_any_run_starts(tiny_checkpoints, train_parquet,
+                                                                            tmp_path):
+    tokenizer = load_tokenizer(tiny_checkpoints["llama"])
+    rows = pq.read_table(train_parquet).to_pylist()
+    lengths = [len(tokenize_example(tokenizer, r["prompt"], r["target"], 10_000)["input_ids"]) for r in rows]
+    first_too_long = next(i for i, n in enumerate(lengths) if n > max(lengths) - 1)
+    spec = spec_for(tiny_checkpoints["llama"], train_parquet, tmp_path / "out", name="toy/short",
+                    max_length=max(lengths) - 1)
+    with pytest.raises(TrainDataError) as err:
+        train_all([spec], show_progress=False)  # no Ray cluster: the check runs first, on the driver
+    assert str(err.value) == (f"toy/short: {train_parquet}: row {first_too_long}: {max(lengths)} tokens exceed "
+                              f"max_length={max(lengths) - 1} (raise train.max_length, or lower the task's "
+                              "target_tokens)")
+    assert not (tmp_path / "out").exists()
+
+
 def test_concurrent_slots_from_cluster_resources(tiny_checkpoints, train_parquet, tmp_path):
     spec = spec_for("m", train_parquet, tmp_path, num_workers=2, cpus_per_worker=1)
     assert concurrent_slots([spec] * 5, {"CPU": 8.0}) == 4
