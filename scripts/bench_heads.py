@@ -351,7 +351,9 @@ def main_real(args) -> dict:
                    "method": "peak RSS (VmHWM, reset via /proc/self/clear_refs) minus RSS before the pass, "
                              "fresh subprocess per length, MALLOC_MMAP_THRESHOLD_=65536"},
     }
-    write_json(args.out, result)
+    from engine.provenance import provenance
+
+    write_json({**result, "provenance": provenance()}, args.out)
     table = Table(title=f"inline head scoring on {args.model}")
     for column in ("metric", "value", "goal", "detail"):
         table.add_column(column)
