@@ -22,7 +22,7 @@ import os
 
 import numpy as np
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
 from engine.config import ModelConfig
 from engine.synth.config import SynthConfig
@@ -45,21 +45,18 @@ def render_chat(tokenizer, chat: list[dict]) -> str:
 
 
 class RowSampler(LogitsProcessor):
-    """Samples the next token of each row from its own generator, with temperature and top-p
-    (the smallest set of tokens whose probability reaches `top_p`), and leaves every other
-    token at -inf, so that a greedy `generate` emits exactly the sampled tokens."""
+    """Samples the next token of each row from its own generator, after transformers' own
+    temperature and top-p warpers (the smallest set of tokens whose probability reaches
+    `top_p`), and leaves every other token at -inf, so that a greedy `generate` emits exactly
+    the sampled tokens."""
 
     def __init__(self, seeds: list[int], temperature: float, top_p: float, device):
         self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
-        self.temperature = temperature
-        self.top_p = top_p
+        self.warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)]
+                                           + ([TopPLogitsWarper(top_p)] if top_p < 1.0 else []))
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
-        if self.top_p < 1.0:
-            ordered, order = probs.sort(dim=-1, descending=True)
-            drop = ordered.cumsum(dim=-1) - ordered >= self.top_p  # the mass before a token already reaches top_p
-            probs = probs.scatter(-1, order, ordered.masked_fill(drop, 0.0))
+        probs = torch.softmax(self.warpers(input_ids, scores.float()), dim=-1)
         picked = torch.stack([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self.generators)])
         out = torch.full_like(scores, float("-inf"))
         return out.scatter(-1, picked, 0.0)
