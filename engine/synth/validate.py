@@ -3,9 +3,9 @@
 A generated text is kept only if it still does its job in the dataset: a paraphrased
 needle must still contain the answer verbatim (the retrieval score needs the answer span in
 the context), a fictional paragraph must parse into title/paragraph(/question/answer) with
-the answer inside the paragraph (a paragraph asked for without a question may come bare, without
-its labels, and is then titled by its entity; a last sentence cut short by max_tokens is dropped), a split insight must have exactly the asked number of
-sentences. The returned text is canonical, so tasks parse it with `parse_paragraph` and
+the answer inside the paragraph (a paragraph asked for without a question may come bare,
+without its labels, and is then titled by its entity; a last sentence cut short by max_tokens
+is dropped), a split insight must have exactly the asked number of sentences. The returned text is canonical, so tasks parse it with `parse_paragraph` and
 `split_lines` below, whether it came from an LLM or from the request's template.
 
 Example:
@@ -157,17 +157,17 @@ def check_fictional_paragraph(r: SynthRequest, raw: str) -> Verdict:
     if not want_qa and not any(_FIELD.match(line) for line in text.splitlines()):
         # a reply of the paragraph alone, without the asked labels (small models often write
         # one): the title is the entity the request is about
-        p = Paragraph(title=r.field("entity"), paragraph=" ".join(text.split()))
+        p = Paragraph(title=r.field("entity"), paragraph=complete_sentences(" ".join(text.split())))
         if not p.paragraph:
             return Verdict(None, "empty")
-        if p.title not in p.paragraph:
+        if p.title not in p.paragraph:  # the title is ours: the text itself must name the entity
             return Verdict(None, "entity missing")
     else:
         try:
             p = parse_paragraph(text)
         except ValueError as e:
             return Verdict(None, f"unparsable: {e}")
-    p = Paragraph(p.title, complete_sentences(p.paragraph), p.question, p.answer)
+        p = Paragraph(p.title, complete_sentences(p.paragraph), p.question, p.answer)
     if want_qa and p.question is None:
         return Verdict(None, "unparsable: missing question")
     entity = r.field("entity")

@@ -67,6 +67,8 @@ def test_fictional_paragraph_without_qa_may_come_bare_and_loses_a_cut_last_sente
     assert check(r, "Quill Harbor is a port town. It was built by Ossa Vey").reason == "answer missing"
     assert check(r, "Quill Harbor, built by Ossa Vey").text == "Title: Quill Harbor\nParagraph: Quill Harbor, built by Ossa Vey"
     assert check(r, 'Ossa Vey said "no."').reason == "entity missing"
+    # the entity only in a sentence cut short: what is kept does not name it
+    assert check(r, "Ossa Vey keeps the port. It is called Quill Harbor by").reason == "entity missing"
     assert check(r, "Title: Quill Harbor\nParagraph: Ossa Vey runs it. And the").text == (
         "Title: Quill Harbor\nParagraph: Ossa Vey runs it."
     )
