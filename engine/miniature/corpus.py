@@ -181,6 +181,9 @@ class PretrainingMix:
         world: the world the drills are written about (no drills without it).
         lm_share: share of drill and QA sequences with next-token loss on every token (the
             documents and questions too, as real pretraining has), not on the answers alone.
+        stages: a gated curriculum (`spec.Stage`s) between phase 1 and `weights`. A stage
+            ends after its `max_steps` batches, or earlier when `end_stage` is called (its
+            gate passed); each start is recorded in `starts`, the run's curriculum.
     """
 
     SHORT = 48
@@ -188,7 +191,7 @@ class PretrainingMix:
     def __init__(self, tokenizer, qa: list[tuple[list[int], int]], context: int, size: int, seed: int,
                  weights: tuple[float, ...] = (0.5, 0.2, 0.0, 0.0, 0.0, 0.3), fixed_gap: int | None = None,
                  max_span: int = 32, batch_size: int = 1, phase1: int = 0, phase1_length: int = 96,
-                 ramp: int = 0, world=None, lm_share: float = 0.0):
+                 ramp: int = 0, world=None, lm_share: float = 0.0, stages: tuple = ()):
         if len(weights) != len(KINDS):
             raise ValueError(f"pretraining mix: weights {weights} must give one weight per kind {KINDS}")
         self.tokenizer, self.tokens, self.world = tokenizer, token_ids(tokenizer), world
@@ -199,13 +202,68 @@ class PretrainingMix:
         self.batch_size, self.phase1, self.phase1_length = batch_size, phase1, min(phase1_length, context)
         self.ramp, self.lm_share = ramp, lm_share
         self.n_batches = -(-size // batch_size)
-        for kind, weight in zip(KINDS, self.weights):
+        self.stages = tuple(stages)
+        # starts[k]: first batch of stage k (k == len(stages): the final mix); known up to the
+        # current stage, the next one is set when the current one ends.
+        self.starts: list[int] = [phase1] if self.stages else []
+        self.read = -1  # the last batch an item was read from (the trainer reads ahead)
+        for kind, weight in zip(KINDS, self._all_weights()):
             if kind in TASKS and weight > 0 and self._drill(kind, random.Random(f"{seed}/fits/{kind}")) is None:
                 raise MiniatureError(f"miniature.context {context}: no {kind} drill fits in {context} tokens "
                                  f"({self.DRILL_TRIES} draws); give it weight 0 in miniature.mix or a longer context")
 
     def __len__(self) -> int:
         return self.size
+
+    def _all_weights(self) -> tuple[float, ...]:
+        """The largest weight each kind gets anywhere in the run (a drill that can be drawn must fit)."""
+        return self._usable(max([w] + [s.mix[k] for s in self.stages]) for k, w in enumerate(self.weights))
+
+    def _usable(self, weights) -> tuple[float, ...]:
+        return tuple(w if (k != "qa" or self.qa) and (k not in TASKS or self.world) else 0.0
+                     for k, w in zip(KINDS, weights))
+
+    def stage_of(self, batch: int) -> int | None:
+        """The curriculum stage of `batch` (len(stages): the final mix; None: phase 1 or no stages).
+
+        A stage that reaches its `max_steps` ends there: its successor's start is set here,
+        the same in every run, whatever the gate checks say."""
+        if not self.stages or batch < self.starts[0]:
+            return None
+        k = max(i for i, start in enumerate(self.starts) if start <= batch)
+        while k < len(self.stages) and batch >= self.starts[k] + self.stages[k].max_steps:
+            if len(self.starts) == k + 1:
+                self.starts.append(self.starts[k] + self.stages[k].max_steps)
+            k += 1
+        return k
+
+    def end_stage(self, stage: int) -> int | None:
+        """Ends `stage` (its gate passed) before the next batch not yet read; returns the batch
+        its successor starts at, or None when `stage` is no longer the current one."""
+        if stage >= len(self.stages) or len(self.starts) != stage + 1:
+            return None
+        start = max(self.read + 1, self.starts[stage] + 1)
+        if start >= self.starts[stage] + self.stages[stage].max_steps:
+            return None  # it ends there anyway
+        self.starts.append(start)
+        return start
+
+    def _stage_plan(self, batch: int, stage: int, rng: random.Random, short: int) -> tuple[str, int]:
+        """(kind, length) of a batch in a curriculum stage: the stage's mix and longest length,
+        reached from the previous stage's (or phase 1's) over `ramp` batches."""
+        def setting(k):
+            if k < 0:
+                return (1.0, 0.0, 0.0, 0.0, 0.0, 0.0), self.phase1_length
+            if k == len(self.stages):
+                return self.weights, self.context
+            return self._usable(self.stages[k].mix), self.stages[k].longest or self.context
+        weights, longest = setting(stage)
+        if self.ramp and (stage > 0 or self.phase1) and batch < self.starts[stage] + self.ramp:
+            before, before_longest = setting(stage - 1)
+            f = (batch - self.starts[stage] + 1) / (self.ramp + 1)
+            weights = [(1 - f) * b + f * w for b, w in zip(before, weights)]
+            longest = round(before_longest + f * (longest - before_longest))
+        return rng.choices(KINDS, weights=weights)[0], rng.randint(short, max(short, longest))
 
     DRILL_TRIES = 200
 
@@ -225,6 +283,8 @@ class PretrainingMix:
             return rng.choices(KINDS, weights=self.weights)[0], self.context
         if batch < self.phase1:
             return "copy", rng.randint(short, max(short, self.phase1_length))
+        if self.stages:
+            return self._stage_plan(batch, self.stage_of(batch), rng, short)
         if batch < self.phase1 + self.ramp:
             # Heads formed at short range break when long sequences and new kinds arrive at
             # once: the longest length and the other kinds' share grow together, linearly.
@@ -239,6 +299,7 @@ class PretrainingMix:
         if not 0 <= i < self.size:  # iteration stops here
             raise IndexError(f"pretraining mix item {i} out of range 0..{self.size - 1}")
         kind, length = self.batch_plan(i // self.batch_size)
+        self.read = max(self.read, i // self.batch_size)
         rng = random.Random(self.seed * 1_000_003 + i)
         if kind == "copy":
             span = rng.randint(4, max(4, min(self.max_span, (length - 8) // 2)))

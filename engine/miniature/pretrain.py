@@ -49,6 +49,7 @@ SOURCES = "sources"
 # The base model shipped with the repository (pretrained by `needlework miniature pretrain --ship`).
 SHIPPED = Path(__file__).resolve().parents[2] / "data" / "miniature"
 CHECKPOINT_STEPS = 500  # a killed pretraining resumes from here (not part of the recipe)
+CURRICULUM = "curriculum.json"  # in the work directory: stage starts and gate checks so far
 
 
 def default_cache_dir() -> Path:
@@ -58,6 +59,7 @@ def default_cache_dir() -> Path:
 
 # Spec fields that change what happens around the model, not the model itself.
 NOT_IDENTITY = ("on_failed_check",)
+CURRICULUM_FIELDS = ("stages", "gate_every", "gate_probes")
 
 
 def spec_hash(spec: MiniatureSpec) -> str:
@@ -68,6 +70,9 @@ def spec_hash(spec: MiniatureSpec) -> str:
     `FORMAT_VERSION` instead.
     """
     recipe = {k: v for k, v in dataclasses.asdict(spec).items() if k not in NOT_IDENTITY}
+    if not spec.stages:  # a recipe without a curriculum keeps the identity it had before there was one
+        for key in CURRICULUM_FIELDS:
+            recipe.pop(key)
     vocab = vocabulary(build_world(spec.seed))
     payload = json.dumps({"spec": recipe, "version": FORMAT_VERSION, "vocab": vocab}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -308,6 +313,89 @@ def rope_jitter_callback(spec: MiniatureSpec):
     return RopeJitter()
 
 
+def curriculum_callback(spec: MiniatureSpec, tokenizer, sources: dict, mix, work_dir: Path, log: list):
+    """Ends each curriculum stage when its gate passes (`spec.Stage`), every `gate_every` steps.
+
+    The gate of the stage the last step trained in is measured on the model as it is: copy
+    accuracy at random depths at the stage's longest length (`gate_probes` probes), or
+    teacher-forced exact answers on `gate_probes` held-out prompts of its task at that length
+    (evaluation-split subjects, seed + 2: other prompts than the final gates' seed + 1). The
+    stage starts and checks are kept in `work_dir/curriculum.json`, so a resumed run switches
+    where the first one did; `log` receives every check.
+    """
+    from transformers import TrainerCallback
+
+    from .checks import answer_accuracy
+
+    state_file = work_dir / CURRICULUM
+    examples: dict[int, dict] = {}
+
+    def measure(model, stage) -> float:
+        longest = stage.longest or spec.context
+        if stage.gate == "copy":
+            value = summary(retrieval_accuracy(model, tokenizer, [longest], n=spec.gate_probes,
+                                               seed=spec.seed + 2))[longest]
+        else:
+            if longest not in examples:
+                examples[longest] = task_examples(tokenizer, sources, longest, spec.gate_probes, spec.seed + 2,
+                                                  split="eval")
+            value = answer_accuracy(model, tokenizer, examples[longest][stage.gate])
+        model.train()
+        return value
+
+    class Curriculum(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state_file.is_file():
+                saved = json.loads(state_file.read_text())
+                mix.starts[:] = saved["starts"]
+                log[:] = [c for c in saved["checks"] if c["step"] <= state.global_step]
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            step = state.global_step
+            stage = mix.stage_of(step - 1)  # the stage of the batch just trained
+            if step % spec.gate_every or stage is None or stage == len(spec.stages):
+                return
+            current = spec.stages[stage]
+            if current.gate is None or len(mix.starts) > stage + 1:  # no gate, or already ended
+                return
+            value = measure(model, current)
+            log.append({"step": step, "stage": current.name, "gate": current.gate, "value": value})
+            if value >= current.bar:
+                start = mix.end_stage(stage)
+                if start is not None:
+                    print(f"pretraining miniature: stage {current.name!r} passed its gate ({current.gate} "
+                          f"{value:.2f} >= {current.bar:g}) at step {step}; the next starts at step {start}",
+                          file=sys.stderr, flush=True)
+            write_atomic(state_file, json.dumps({"starts": mix.starts, "checks": log}))
+
+    return Curriculum()
+
+
+def curriculum_record(spec: MiniatureSpec, mix, log: list) -> dict:
+    """Each stage's steps and whether its gate passed, with every check, for `miniature.json`."""
+    stages = []
+    for k, stage in enumerate(spec.stages):
+        start = mix.starts[k] if k < len(mix.starts) else None
+        end = mix.starts[k + 1] if k + 1 < len(mix.starts) else None
+        checks = [c for c in log if c["stage"] == stage.name]
+        stages.append({"name": stage.name, "gate": stage.gate, "bar": stage.bar, "start": start, "end": end,
+                       "passed": any(c["value"] >= stage.bar for c in checks),
+                       "last": checks[-1]["value"] if checks else None})
+    final = mix.starts[len(spec.stages)] if len(mix.starts) > len(spec.stages) else None
+    return {"stages": stages, "final_mix_start": final, "checks": log}
+
+
+def format_curriculum(record: dict) -> str:
+    """A markdown table of the curriculum: each stage's steps, gate and last check."""
+    lines = ["| stage | steps | gate | last check | passed |", "|---|---|---|---|---|"]
+    for s in record["stages"]:
+        steps = "not reached" if s["start"] is None else f"{s['start']}-{'' if s['end'] is None else s['end']}"
+        gate = "none" if s["gate"] is None else f"{s['gate']} >= {s['bar']:g}"
+        last = "-" if s["last"] is None else f"{s['last']:.2f}"
+        lines.append(f"| {s['name']} | {steps} | {gate} | {last} | {s['passed']} |")
+    return "\n".join(lines)
+
+
 def rich_progress(total: int, every_s: float = 30.0):
     """Pretraining progress: a rich bar with a time estimate on a terminal, else (a log, `ray
     job logs`) a plain line every `every_s` seconds: step, elapsed, estimate left, loss."""
@@ -383,8 +471,12 @@ def pretrain(spec: MiniatureSpec, out_dir: Path, progress: bool = True, callback
         mix = PretrainingMix(tokenizer, qa, spec.context, spec.steps * spec.batch_size, spec.seed,
                              weights=spec.mix, max_span=spec.max_span, batch_size=spec.batch_size,
                              phase1=spec.phase1_steps, phase1_length=spec.phase1_length,
-                             ramp=spec.ramp_steps, world=world, lm_share=spec.lm_share)
+                             ramp=spec.ramp_steps, world=world, lm_share=spec.lm_share, stages=spec.stages)
         prepared, cpu_prepared = time.perf_counter(), time.process_time()
+        checks: list = []
+        if spec.stages:
+            work_dir.mkdir(parents=True, exist_ok=True)
+            callbacks = (curriculum_callback(spec, tokenizer, sources, mix, work_dir, checks), *callbacks)
         model = train_model(spec, tokenizer, mix, work_dir, progress, callbacks)
         trained, cpu_trained = time.perf_counter(), time.process_time()
         rows = retrieval_accuracy(model, tokenizer, [spec.context, 4 * spec.context], n=spec.check_probes,
@@ -397,6 +489,8 @@ def pretrain(spec: MiniatureSpec, out_dir: Path, progress: bool = True, callback
     if not gates["passed"]:
         message = (f"the miniature pretrained from this recipe ({spec.steps} steps) misses its competence "
                    f"gates at its own length {spec.context}:\n{format_gates(gates)}")
+        if spec.stages:
+            message += "\n" + format_curriculum(curriculum_record(spec, mix, checks))
         if spec.on_failed_check == "raise":
             raise MiniatureError(message)
         warnings.warn(message + "\nKept (on_failed_check: warn); head analyses of this model are flagged.")
@@ -418,8 +512,10 @@ def pretrain(spec: MiniatureSpec, out_dir: Path, progress: bool = True, callback
         "check": {"length": spec.context, "accuracy": accuracy[spec.context], "min_accuracy": spec.min_accuracy,
                   "passed": gates["passed"]},
         "gates": gates,
+        **({"curriculum": curriculum_record(spec, mix, checks)} if spec.stages else {}),
         "sources": {task: {k: str(Path(p).relative_to(out_dir / SOURCES)) for k, p in paths.items()}
                     for task, paths in sources.items()},
     }
     write_atomic(out_dir / META, json.dumps(meta, indent=2))
+    (work_dir / CURRICULUM).unlink(missing_ok=True)
     return meta
