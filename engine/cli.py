@@ -191,7 +191,7 @@ def cmd_miniature_pretrain(args) -> int:
     into the repository's shipped base, which the demo then uses."""
     from engine.miniature import MiniatureSpec, spec_hash
     from engine.miniature.gates import format_gates
-    from engine.miniature.pretrain import SHIPPED, default_cache_dir, publish_pretrained, shipped_base
+    from engine.miniature.pretrain import SHIPPED, default_cache_dir, format_curriculum, publish_pretrained, shipped_base
 
     spec = load_recipe(args.recipe, overrides=args.overrides)
     if args.ship and spec != MiniatureSpec():
@@ -213,6 +213,8 @@ def cmd_miniature_pretrain(args) -> int:
 
             shutil.rmtree(final / "sources")
     console.print(format_gates(meta["gates"]))
+    if "curriculum" in meta:
+        console.print(format_curriculum(meta["curriculum"]))
     console.print(f"pretrained in {meta['seconds']['train']:.0f} s ({meta['cpu_seconds']['train']:.0f} CPU s, "
                   f"{spec.threads} threads): {final}")
     return 0

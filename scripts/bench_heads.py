@@ -164,6 +164,75 @@ def time_decode(context: int, batch: int, new_tokens: int, repeats: int, model_p
     }
 
 
+def time_steps(context: int, batch: int, new_tokens: int, repeats: int, model_path: str | None = None) -> dict:
+    """The decoding steps alone, scored against plain, on one shared prefill.
+
+    A whole decode at 2K tokens is mostly its prefill, which scoring does not change, and two
+    prefills of the same batch differ by several percent on a CPU; the difference of two
+    such totals ("decoding steps only" of `time_decode`) then measures noise. Here the prompt is
+    prefilled once; each repeat crops the KV cache back to the prompt and runs the same
+    `new_tokens - 1` decode steps (the same fixed tokens) plain, then scored, under the
+    engine's decode attention, as `greedy_decode` runs them. The whole-decode ratio follows
+    as (prefill + scored steps) / (prefill + plain steps).
+    """
+    import torch
+    from transformers import DynamicCache
+
+    from engine.head_argmax import ARGMAX_KWARG, HeadArgmax, decoding_attention
+    from engine.models import architecture
+
+    torch.set_num_threads(1)
+    if model_path is None:
+        model, tok = random_model(TIMING_MODEL), char_tokenizer()
+        prompts, _ = prompts_and_spans(batch, context)
+    else:
+        from engine.chat import render_prompt
+
+        model, tok = real_model(model_path)
+        prompts = [render_prompt(tok, p).text for p in pass_key_prompts(tok, batch, context)[0]]
+    encoded = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=model_path is None)
+    ids, mask = encoded["input_ids"], encoded["attention_mask"]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    width = ids.shape[1]
+    steps = new_tokens - 1
+    tokens = torch.randint(3, len(tok), (steps, ids.shape[0]), generator=torch.Generator().manual_seed(0))
+    recorder = HeadArgmax(architecture(model).n_layers, context_len=width)
+    cache = DynamicCache()
+    with torch.no_grad(), decoding_attention(model, scored=True):
+        cpu = time.process_time()
+        model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
+              logits_to_keep=1, **{ARGMAX_KWARG: recorder})
+        prefill = time.process_time() - cpu
+        recorder.take()
+
+        def run(scored: bool) -> float:
+            extra_tokens = cache.get_seq_length() - width
+            if extra_tokens:
+                cache.crop(-extra_tokens)  # back to the prompt (this transformers takes tokens to remove)
+            extra = {ARGMAX_KWARG: recorder} if scored else {}
+            step_mask, step_positions = mask, positions[:, -1:]
+            cpu = time.process_time()
+            for step in range(steps):
+                step_mask = torch.cat([step_mask, step_mask.new_ones(step_mask.shape[0], 1)], dim=1)
+                step_positions = step_positions + 1
+                out = model(input_ids=tokens[step][:, None], attention_mask=step_mask, position_ids=step_positions,
+                            past_key_values=cache, use_cache=True, **extra)
+                out.logits[:, -1].argmax(-1).tolist()
+                if scored:
+                    recorder.take()
+            return time.process_time() - cpu
+
+        run(False), run(True)  # warm-up
+        plain, scored = [], []
+        for _ in range(repeats):  # interleaved, so load from other processes hits both alike
+            plain.append(run(False))
+            scored.append(run(True))
+    p, q = min(plain), min(scored)
+    return {"context": width, "batch": ids.shape[0], "steps": steps, "repeats": repeats, "prefill_cpu_s": prefill,
+            "steps_cpu_s": {"plain": p, "scored": q}, "step_ms": {"plain": 1000 * p / steps, "scored": 1000 * q / steps},
+            "scored_over_plain_steps": q / p, "scored_over_plain_decode": (prefill + q) / (prefill + p)}
+
+
 def memory_status() -> dict[str, float]:
     """Current and peak resident memory of this process, in MiB (Linux /proc)."""
     fields = {}
@@ -259,6 +328,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--model", help="a real checkpoint or fetchable model name (smollm2-135m-instruct)")
+    parser.add_argument("--only-steps", action="store_true",
+                        help="with --model: only the decoding steps on one shared prefill (minutes, not an hour)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)  # MODE LENGTH NEW_TOKENS [MODEL]
     args = parser.parse_args(argv)
     if args.child:
@@ -330,19 +401,30 @@ def main_real(args) -> dict:
     console = Console()
     path = resolve_model(args.model)
     timings = []
-    for context in REAL_CONTEXTS:
+    for context in REAL_CONTEXTS if not args.only_steps else ():
         console.print(f"timing plain vs scored decode at {context} tokens")
         timings.append(time_decode(context, args.batch, args.new_tokens, args.repeats, model_path=path))
-    console.print("memory: scored decode and eager output_attentions, 256..2K")
-    scored = measure_memory("scored", new_tokens=256, model_path=path)
-    eager = measure_memory("eager", new_tokens=0, model_path=path)
+    step_timings = []
+    for context in REAL_CONTEXTS:
+        console.print(f"timing plain vs scored decoding steps on one prefill at {context} tokens")
+        step_timings.append(time_steps(context, args.batch, args.new_tokens, max(args.repeats, 5), model_path=path))
+    scored = eager = []
+    if not args.only_steps:
+        console.print("memory: scored decode and eager output_attentions, 256..2K")
+        scored = measure_memory("scored", new_tokens=256, model_path=path)
+        eager = measure_memory("eager", new_tokens=0, model_path=path)
 
     def ratio(rows):
-        return rows[-1]["growth_mb"] / rows[0]["growth_mb"]
+        return rows[-1]["growth_mb"] / rows[0]["growth_mb"] if rows else None
 
     result = {
         "model": args.model, "path": path,
         "scored_over_plain": {str(t["context"]): t["scored_over_plain"] for t in timings},
+        "scored_over_plain_steps_shared_prefill": {str(c): t["scored_over_plain_steps"]
+                                                   for c, t in zip(REAL_CONTEXTS, step_timings)},
+        "scored_over_plain_decode_shared_prefill": {str(c): t["scored_over_plain_decode"]
+                                                    for c, t in zip(REAL_CONTEXTS, step_timings)},
+        "step_timing": step_timings,
         "memory_2k_over_256": ratio(scored),
         "eager_memory_2k_over_256": ratio(eager),
         "timing": [{**t, "backend": "sdpa", "device": "cpu", "torch_threads": 1, "chat_template": True}
@@ -363,10 +445,16 @@ def main_real(args) -> dict:
                       f"{t['batch']}, {t['new_tokens']} tokens")
         table.add_row("  decoding steps only", f"{t['scored_over_plain_steps']:.3f}", "",
                       f"{t['step_ms_scored']:.1f} vs {t['step_ms_plain']:.1f} ms/step")
-    table.add_row("scored decode memory 2K / 256 (256 new tokens)", f"{result['memory_2k_over_256']:.2f}",
-                  "<= 8 (linear)", " ".join(f"{r['length']}:{r['growth_mb']:.0f}MB" for r in scored))
-    table.add_row("eager output_attentions 2K / 256", f"{result['eager_memory_2k_over_256']:.2f}", "(comparison)",
-                  " ".join(f"{r['length']}:{r['growth_mb']:.0f}MB" for r in eager))
+    for c, t in zip(REAL_CONTEXTS, step_timings):
+        table.add_row(f"scored / plain decoding steps, one prefill, {c} tokens", f"{t['scored_over_plain_steps']:.3f}",
+                      "", f"{t['step_ms']['scored']:.1f} vs {t['step_ms']['plain']:.1f} ms/step, best of {t['repeats']}")
+        table.add_row("  whole decode from these parts", f"{t['scored_over_plain_decode']:.3f}", "<= 1.10",
+                      f"prefill {t['prefill_cpu_s']:.1f}s + {t['steps']} steps")
+    if scored:
+        table.add_row("scored decode memory 2K / 256 (256 new tokens)", f"{result['memory_2k_over_256']:.2f}",
+                      "<= 8 (linear)", " ".join(f"{r['length']}:{r['growth_mb']:.0f}MB" for r in scored))
+        table.add_row("eager output_attentions 2K / 256", f"{result['eager_memory_2k_over_256']:.2f}", "(comparison)",
+                      " ".join(f"{r['length']}:{r['growth_mb']:.0f}MB" for r in eager))
     console.print(table)
     console.print(f"wrote {args.out}")
     return result

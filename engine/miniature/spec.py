@@ -52,8 +52,9 @@ class Stage:
             raise ValueError(f"stage {self.name!r}: gate {self.gate!r}; choose from {', '.join(GATES)} or null")
         if self.max_steps < 1:
             raise ValueError(f"stage {self.name!r}: max_steps {self.max_steps} must be >= 1")
-        if self.longest is not None and self.longest < 16:
-            raise ValueError(f"stage {self.name!r}: longest {self.longest} must be >= 16 tokens")
+        if self.longest is not None and self.longest < 48:  # corpus.PretrainingMix.SHORT
+            raise ValueError(f"stage {self.name!r}: longest {self.longest} must be >= 48 tokens, the shortest "
+                             "sequence the pretraining mix draws")
 
 
 @dataclass(frozen=True)

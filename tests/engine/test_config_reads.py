@@ -33,7 +33,7 @@ import engine.evaluate
 import engine.train
 from engine.config import (EvaluateConfig, Experiment, KnockoutConfig, ModelConfig, PatchingConfig, ScoringConfig,
                            TaskConfig, TrainConfig, content_hash, load_experiment)
-from engine.miniature.spec import MiniatureSpec
+from engine.miniature.spec import MiniatureSpec, Stage
 from engine.pipeline import run_experiment
 from engine.pool import pool_size
 from engine.synth.config import SynthConfig
@@ -46,17 +46,24 @@ from tiny import TINY_MINIATURE  # noqa: E402
 
 ROOT = Path(__file__).parents[2]
 CLASSES = (Experiment, ModelConfig, TaskConfig, TrainConfig, EvaluateConfig, ScoringConfig, KnockoutConfig,
-           PatchingConfig, SynthConfig, MiniatureSpec)
+           PatchingConfig, SynthConfig, MiniatureSpec, Stage)
 STAGE_CODE = tuple(str(ROOT / d) + os.sep for d in ("engine", "tasks", "analyses"))
 CONFIG_MODULES = {str(ROOT / "engine" / p) for p in ("config.py", "synth/config.py", "miniature/spec.py")}
 # engine/config.py functions that do a stage's work (the grid, a variant's options), not load or hash
 GRID_FUNCTIONS = {"expand", "task_options", "train_config", "variant_kind", "resolved_run_dir", "task"}
 
+# The tiny miniature with a one-stage curriculum after a one-step phase 1, so that the
+# curriculum's settings are read too (its gate, bar 0, is checked and passes after step 2).
+READS_MINIATURE = TINY_MINIATURE.replace("on_failed_check: warn}}", (
+    "on_failed_check: warn,\n            phase1_steps: 1, gate_every: 1, gate_probes: 2, stages: [{{name: copy, "
+    "mix: [1, 0, 0, 0, 0, 0], longest: 48, gate: copy, bar: 0.0, max_steps: 2}}]}}"))
+assert READS_MINIATURE != TINY_MINIATURE
+
 EXPERIMENT = """
 name: reads
 run_dir: {run_dir}
 model: {{name: mini, path: miniature, rope_base: 40000, max_context: 512, dtype: float32}}
-""" + TINY_MINIATURE + """
+""" + READS_MINIATURE + """
 tasks:
   mdqa:
     variants: [real, real_limited, hl, base]

@@ -30,6 +30,7 @@ from engine.miniature import (
 from engine.miniature import pretrain as pretrain_module
 from engine.miniature.corpus import COPY_MARK, KINDS, TASK_OPTIONS, PretrainingMix, copy_sequence, token_ids
 from engine.miniature.drills import drill
+from engine.miniature.spec import Stage
 from engine.miniature.world import WORD_PATTERN
 
 SMALL = SourceSizes(mdqa_train=30, mdqa_eval=10, mdqa_pool=20, musique_train=20, musique_eval=10,
@@ -447,6 +448,105 @@ def test_pretraining_mix_ramp_grows_length_and_other_kinds_together(tokenizer, w
     for task in ("mdqa", "musique", "summhay"):
         b = next(b for b, (k, _) in enumerate(plans) if k == task)
         assert any(label != -100 for label in mix[b * 8]["labels"])
+
+
+def _kind(item, tokens, qa) -> str:
+    ids = item["input_ids"]
+    return ("qa" if ids in [q[0] for q in qa] else "copy" if tokens.copy_mark in ids
+            else "lookup" if tokens.lookup_mark in ids else "drill")
+
+
+def test_a_curriculum_stage_ends_at_its_gate_or_its_max_steps(tokenizer):
+    """Phase 1, then each stage's own kinds and longest length; a stage whose gate passed
+    ends before the next batch not yet read, one whose gate never passes after max_steps;
+    then the final mix."""
+    qa = [([tokenizer.bos_token_id] + [7] * 60, 50)] * 5
+    stages = (Stage("copy", (1, 0, 0, 0, 0, 0), longest=56, gate="copy", max_steps=5),
+              Stage("lookup", (0, 1, 0, 0, 0, 0), longest=96, gate="mdqa", max_steps=4))
+    tokens = token_ids(tokenizer)
+
+    def read(mix, batches):
+        return [{_kind(mix[b * 2 + j], tokens, qa) for j in range(2)} for b in batches]
+
+    mix = PretrainingMix(tokenizer, qa, context=128, size=2 * 20, seed=0, batch_size=2, phase1=3,
+                         phase1_length=64, weights=(0, 0, 0, 0, 0, 1), stages=stages)
+    assert read(mix, range(6)) == [{"copy"}] * 6 and mix.starts == [3]
+    assert max(len(mix[b * 2]["input_ids"]) for b in range(3, 6)) <= 56
+    assert mix.end_stage(0) == 6 and mix.end_stage(0) is None  # the gate passed after batch 5 was read
+    assert read(mix, range(6, 12)) == [{"lookup"}] * 4 + [{"qa"}] * 2
+    assert mix.starts == [3, 6, 10] and mix.stage_of(9) == 1 and mix.stage_of(10) == 2
+    assert mix.end_stage(1) is None  # no longer the current stage
+
+    untouched = PretrainingMix(tokenizer, qa, context=128, size=2 * 20, seed=0, batch_size=2, phase1=3,
+                               phase1_length=64, weights=(0, 0, 0, 0, 0, 1), stages=stages)
+    assert read(untouched, range(14)) == [{"copy"}] * 8 + [{"lookup"}] * 4 + [{"qa"}] * 2
+    assert untouched.starts == [3, 8, 12]
+
+
+def test_stages_are_validated_where_the_recipe_names_them(tmp_path):
+    from engine.config import ConfigError, load_recipe
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("context: 192\nstages:\n  - {name: a, mix: [1, 0, 0, 0, 0, 0], gate: mqda}\n")
+    with pytest.raises(ConfigError, match=r"recipe.yaml: stages\[0\]: stage 'a': gate 'mqda'; "
+                                         r"choose from copy, mdqa, musique, summhay or null$"):
+        load_recipe(recipe)
+    recipe.write_text("context: 192\nstages:\n  - {name: a, mix: [1, 0, 0, 0, 0, 0], longst: 96}\n")
+    with pytest.raises(ConfigError, match=r"stages\[0\]: unknown key 'longst' \(did you mean 'longest'\?\)"):
+        load_recipe(recipe)
+    recipe.write_text("context: 192\nstages:\n  - {name: a, mix: [1, 0, 0, 0, 0, 0], longest: 384}\n")
+    with pytest.raises(ConfigError, match=r"recipe.yaml: miniature.stages: longest 384 exceeds the context 192$"):
+        load_recipe(recipe)
+    recipe.write_text("context: 192\nstages:\n  - {name: a, mix: [1, 0, 0, 0, 0, 0], longest: 32}\n")
+    with pytest.raises(ConfigError, match=r"recipe.yaml: stages\[0\]: stage 'a': longest 32 must be >= 48 tokens"):
+        load_recipe(recipe)
+    shipped = load_recipe(Path(__file__).parents[2] / "experiments" / "miniature_curriculum.yaml")
+    assert [s.gate for s in shipped.stages] == ["copy", "copy", "mdqa", "musique", "summhay"]
+    # a recipe without stages keeps the identity it had before the curriculum existed
+    assert spec_hash(MiniatureSpec()) != spec_hash(dataclasses.replace(MiniatureSpec(), stages=shipped.stages))
+    assert spec_hash(MiniatureSpec()) == spec_hash(dataclasses.replace(MiniatureSpec(), gate_every=7))
+
+
+CURRICULUM = dataclasses.replace(
+    TINY, steps=8, phase1_steps=1, ramp_steps=0, gate_every=1, gate_probes=4,
+    stages=(Stage("copy", (1, 0, 0, 0, 0, 0), longest=48, gate="copy", bar=0.0, max_steps=3),
+            Stage("lookup", (0.5, 0.5, 0, 0, 0, 0), gate="mdqa", bar=1.1, max_steps=2)))
+
+
+def test_a_gated_pretraining_switches_stages_and_resumes_where_it_switched(tmp_path, monkeypatch):
+    """The copy stage's gate (bar 0) passes at its first check, after step 2: the trainer has
+    read batch 2 by then (it reads one batch ahead), so the next stage starts at batch 3; that
+    stage's gate (bar 1.1) never passes and it ends after its 2 steps. Killed after step 4 and
+    resumed from the step-3 checkpoint, the run switches at the same steps and ends with the
+    same weights."""
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    monkeypatch.setattr(pretrain_module, "SHIPPED", tmp_path / "no-shipped-base")
+    monkeypatch.setattr(pretrain_module, "CHECKPOINT_STEPS", 3)
+    whole = ensure_base_model(CURRICULUM, cache_dir=tmp_path / "whole", progress=False)
+    record = json.loads((whole / "miniature.json").read_text())["curriculum"]
+    assert [(s["name"], s["start"], s["end"], s["passed"]) for s in record["stages"]] == [
+        ("copy", 1, 3, True), ("lookup", 3, 5, False)]
+    assert record["final_mix_start"] == 5
+    assert [(c["step"], c["stage"], c["gate"]) for c in record["checks"]] == [(2, "copy", "copy"), (4, "lookup", "mdqa")]
+
+    class Kill(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 4:
+                raise KeyboardInterrupt
+
+    real_train = pretrain_module.train_model
+    monkeypatch.setattr(pretrain_module, "train_model", lambda *a, **k: real_train(*a[:5], (*a[5], Kill())))
+    with pytest.raises(KeyboardInterrupt):
+        ensure_base_model(CURRICULUM, cache_dir=tmp_path / "resumed", progress=False)
+    work = tmp_path / "resumed" / f".work-{spec_hash(CURRICULUM)}"
+    assert json.loads((work / "curriculum.json").read_text())["starts"] == [1, 3]
+    monkeypatch.setattr(pretrain_module, "train_model", real_train)
+    resumed = ensure_base_model(CURRICULUM, cache_dir=tmp_path / "resumed", progress=False)
+    assert json.loads((resumed / "miniature.json").read_text())["curriculum"] == record
+    a, b = load_file(whole / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ----------------------------------------------------------------------------- retrieval check
