@@ -17,11 +17,15 @@ With `--model smollm2-135m-instruct` (or any local checkpoint) the same on a rea
 LLM, on pass-key prompts in real text (tasks/needle.py) through its chat template: scored over
 plain decoding at 1K and 2K tokens (goal <= 1.10), and the peak memory of the scored decode
 at 2K over 256 tokens (linear growth is <= 8; a T x T attention matrix would be ~64). EOS is
-switched off, so every decode runs its whole token budget.
+switched off, so every decode runs its whole token budget. Two whole decodes differ by their
+prefills' noise (several percent on a CPU, as much as scoring costs), so the decoding steps are
+also timed on one shared prefill (`time_steps`, plain and scored interleaved) and the whole
+decode's ratio follows from those parts; `--only-steps` runs that alone.
 
 Example:
     $ .venv/bin/python scripts/bench_heads.py --out runs/bench_heads.json
     $ .venv/bin/python scripts/bench_heads.py --model smollm2-135m-instruct --out runs/bench_heads_smollm2.json
+    $ .venv/bin/python scripts/bench_heads.py --model smollm2-135m-instruct --only-steps --out runs/steps.json
 """
 
 from __future__ import annotations
