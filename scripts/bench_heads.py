@@ -121,6 +121,15 @@ def pass_key_prompts(tok, n: int, length: int, seed: int = 0):
     return [e.prompt for e in examples], spans
 
 
+def timing_inputs(context: int, batch: int, model_path: str | None):
+    """(model, tokenizer, prompts, spans) of a timing run: the random model on character prompts,
+    or a real checkpoint on pass-key prompts."""
+    if model_path is None:
+        return random_model(TIMING_MODEL), char_tokenizer(), *prompts_and_spans(batch, context)
+    model, tok = real_model(model_path)
+    return model, tok, *pass_key_prompts(tok, batch, context)
+
+
 def time_decode(context: int, batch: int, new_tokens: int, repeats: int, model_path: str | None = None) -> dict:
     """Plain vs scored greedy decoding: whole call and decoding steps (total minus prefill).
 
@@ -132,12 +141,7 @@ def time_decode(context: int, batch: int, new_tokens: int, repeats: int, model_p
     from engine.decode import greedy_decode
 
     torch.set_num_threads(1)
-    if model_path is None:
-        model, tok = random_model(TIMING_MODEL), char_tokenizer()
-        prompts, spans = prompts_and_spans(batch, context)
-    else:
-        model, tok = real_model(model_path)
-        prompts, spans = pass_key_prompts(tok, batch, context)
+    model, tok, prompts, spans = timing_inputs(context, batch, model_path)
     chat = model_path is not None
 
     def run(scored: bool, budget: int) -> tuple[float, float]:
@@ -185,21 +189,18 @@ def time_steps(context: int, batch: int, new_tokens: int, repeats: int, model_pa
     from engine.head_argmax import ARGMAX_KWARG, HeadArgmax, decoding_attention
     from engine.models import architecture
 
-    torch.set_num_threads(1)
-    if model_path is None:
-        model, tok = random_model(TIMING_MODEL), char_tokenizer()
-        prompts, _ = prompts_and_spans(batch, context)
-    else:
-        from engine.chat import render_prompt
+    from engine.chat import render_prompt
 
-        model, tok = real_model(model_path)
-        prompts = [render_prompt(tok, p).text for p in pass_key_prompts(tok, batch, context)[0]]
+    torch.set_num_threads(1)
+    model, tok, prompts, _ = timing_inputs(context, batch, model_path)
+    if model_path is not None:  # through the chat template, as greedy_decode renders them
+        prompts = [render_prompt(tok, p).text for p in prompts]
     encoded = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=model_path is None)
     ids, mask = encoded["input_ids"], encoded["attention_mask"]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     width = ids.shape[1]
     steps = new_tokens - 1
-    tokens = torch.randint(3, len(tok), (steps, ids.shape[0]), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(3, model.config.vocab_size, (steps, ids.shape[0]), generator=torch.Generator().manual_seed(0))
     recorder = HeadArgmax(architecture(model).n_layers, context_len=width)
     cache = DynamicCache()
     with torch.no_grad(), decoding_attention(model, scored=True):
